@@ -56,6 +56,74 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_corpus(ns: argparse.Namespace) -> int:
+    from sheared.data.corpus import build_sample_corpus
+
+    reports = build_sample_corpus(ns.out, ns.domains or None, cache_dir=ns.cache_dir, progress=True)
+    print(f"{'domain':<14}{'documents':>10}{'MB':>8}  status")
+    for r in reports:
+        status = "cached" if r.cached else ("built" if r.documents else "not built")
+        print(f"{r.domain:<14}{r.documents:>10,}{r.characters / 1e6:>8.1f}  {status}")
+        for line in r.skipped:
+            print(f"{'':<14}skipped: {line}")
+    print(f"corpus in {ns.out}")
+    return 0
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    from sheared.config import load_config, parse_overrides
+    from sheared.data.prepare import PrepareConfig, prepare_config_from_flags, prepare_data
+
+    if ns.config:
+        cfg = load_config(PrepareConfig, ns.config, ns.overrides)
+    else:
+        if not ns.out:
+            raise UserError("give --config FILE, or --out DIR with --corpus DIR or --domain NAME=PATH")
+        cfg = prepare_config_from_flags(ns.out, ns.domain or [], ns.corpus, **parse_overrides(ns.overrides))
+    metadata = prepare_data(cfg, progress=True)
+    print(f"{'domain':<14}{'train seq':>10}{'eval seq':>10}{'train tokens':>14}")
+    for name, entry in metadata["domains"].items():
+        train, evals = entry["splits"]["train"], entry["splits"]["eval"]
+        print(f"{name:<14}{train['sequences']:>10,}{evals['sequences']:>10,}{train['tokens']:>14,}")
+    print(f"prepared data in {cfg.out_dir} (seq_len {metadata['seq_len']}, {metadata['dtype']})")
+    return 0
+
+
+def cmd_reference_loss(ns: argparse.Namespace) -> int:
+    from sheared.config import read_yaml
+    from sheared.data.dbl import fit_reference_losses, fit_scaling_law
+
+    spec = read_yaml(ns.losses)
+    if set(spec) != {"num_params", "losses"} or not isinstance(spec["losses"], dict):
+        raise UserError(
+            f"{ns.losses} must hold exactly two keys: num_params (a list of model sizes) and losses "
+            f"(domain -> one loss per size); got {sorted(spec)}"
+        )
+    sizes, losses = spec["num_params"], spec["losses"]
+    predicted = fit_reference_losses(sizes, losses, ns.target_params)
+    fits = {d: dict(zip("abc", fit_scaling_law(sizes, v))) for d, v in losses.items()}
+    print(f"L(N) = a / N^b + c, predicted at N = {ns.target_params:,}")
+    print(f"{'domain':<16}{'a':>12}{'b':>9}{'c':>9}{'predicted':>11}")
+    for d, value in predicted.items():
+        f = fits[d]
+        print(f"{d:<16}{f['a']:>12.4f}{f['b']:>9.4f}{f['c']:>9.4f}{value:>11.4f}")
+    if ns.out:
+        result = {"target_num_params": ns.target_params, "reference_losses": predicted, "fits": fits}
+        _write_json_new(ns.out, result, ns.force)
+        print(f"wrote {ns.out}")
+    return 0
+
+
+def _write_json_new(path: str, data: dict, force: bool) -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not force:
+        raise UserError(f"{p} already exists; choose another --out or pass --force to replace it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sheared",
@@ -68,6 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a Hugging Face model directory, a .gguf file, or smollm2-135m")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="sample corpus, tokenize-and-pack, reference losses")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("sample-corpus", help="assemble the real offline multi-domain sample corpus")
+    p.add_argument("--out", required=True, help="folder for <domain>.jsonl files (cached: built once)")
+    p.add_argument("--domains", nargs="*", help="only these domains (default: all seven)")
+    p.add_argument("--cache-dir", default=None, help="downloads and unpacked packages (default: OUT/.cache)")
+    p.set_defaults(func=cmd_sample_corpus)
+
+    p = data_sub.add_parser("prepare", help="tokenize and pack domains into token files with eval splits")
+    p.add_argument("--config", default=None, help="YAML file of PrepareConfig values")
+    p.add_argument("--out", default=None, help="output folder (without --config)")
+    p.add_argument(
+        "--corpus", default=None, help="every *.jsonl in this folder is a domain (without --config)"
+    )
+    p.add_argument("--domain", action="append", help="NAME=PATH[,PATH...] (repeatable; without --config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seq_len=512 source=path/to/model")
+    p.set_defaults(func=cmd_prepare)
+
+    p = data_sub.add_parser("reference-loss", help="fit a / N^b + c per domain and predict at a size")
+    p.add_argument(
+        "--losses", required=True, help="YAML/JSON with num_params: [...] and losses: {domain: [...]}"
+    )
+    p.add_argument("--target-params", required=True, type=int, help="total parameters of the target model")
+    p.add_argument("--out", default=None, help="write the predictions and fits as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_reference_loss)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")
