@@ -126,8 +126,10 @@ def _open_text(path: Path) -> IO[str]:
         import zstandard
 
         raw = open(path, "rb")  # noqa: SIM115 -- owned and closed by the returned wrapper
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115 -- the caller closes it
+        return io.TextIOWrapper(
+            zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8"
+        )
+    return open(path, encoding="utf-8")
 
 
 def _decompression_errors(path: Path) -> tuple[type[Exception], ...]:

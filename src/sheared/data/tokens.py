@@ -251,7 +251,9 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not readable ({e}); run `{PREPARE_COMMAND}` again into a fresh folder") from None
+        raise UserError(
+            f"{path} is not readable ({e}); run `{PREPARE_COMMAND}` again into a fresh folder"
+        ) from None
     if not isinstance(metadata, dict) or "format_version" not in metadata:
         raise UserError(not_prepared)
     if metadata["format_version"] != FORMAT_VERSION:
@@ -359,7 +361,9 @@ class PreparedData:
 
     def _split(self, domain: str, split: str) -> dict[str, Any]:
         if domain not in self.metadata["domains"]:
-            raise UserError(f"domain {domain!r} is not in {self.directory} (domains: {', '.join(self.domains)})")
+            raise UserError(
+                f"domain {domain!r} is not in {self.directory} (domains: {', '.join(self.domains)})"
+            )
         if split not in SPLITS:
             raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         return self.metadata["domains"][domain]["splits"][split]

@@ -1,0 +1,649 @@
+"""Tokenize and pack: documents of several domains → fixed-length token sequences on disk.
+
+    cfg = PrepareConfig(out_dir="data/prepared", domains={"code": DomainInput(["corpus/code.jsonl"])})
+    metadata = prepare_data(cfg)
+
+Per domain, top to bottom:
+
+1. read every document (`readers.iter_documents`), dropping empty ones and those under `min_chars`;
+2. shuffle the document order with a generator seeded by (`seed`, crc32 of the domain name);
+3. tokenize in that order on `num_workers` processes, each document followed by the document-end
+   token (and preceded by BOS when the tokenizer adds one itself, as Llama-3's does);
+4. split **by document**: documents go to eval until the eval stream holds `eval_sequences * seq_len`
+   tokens, the rest go to train, so no document is in both;
+5. pack each split: concatenate, cut into `seq_len` rows, drop the incomplete tail.
+
+Token files are written atomically and metadata.json is rewritten after each finished domain, so an
+interrupted run leaves finished domains intact; running it again skips them and redoes the rest.
+The output is the same for 1 and N workers (chunks are tokenized in order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import multiprocessing
+import os
+import re
+import shutil
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sheared.config import config_from_dict
+from sheared.data.readers import check_format, expand_paths, iter_documents
+from sheared.data.tokens import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    TokenFileWriter,
+    dtype_name,
+    read_metadata,
+    token_dtype,
+    token_file_name,
+    token_file_problem,
+    tokenizer_fingerprint,
+    write_metadata,
+)
+from sheared.errors import UserError
+
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Pretraining document separators of SmolLM/Qwen (<|endoftext|>) and Llama-3 (<|end_of_text|>); they
+# come before the tokenizer's eos_token, which for chat models is the end-of-turn token.
+DOCUMENT_END_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>")
+BOS_PROBE_TEXT = "a"  # a text the tokenizer encodes without special tokens of its own
+CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
+CHUNK_DOCUMENTS = 512  # ... and at most this many documents
+CHUNKS_IN_FLIGHT_PER_WORKER = (
+    2  # queued ahead per worker: keeps workers busy, lets a capped domain stop early
+)
+START_METHOD = "spawn"  # workers load the tokenizer from disk; nothing is inherited from the parent
+CORPUS_GLOB = "*.jsonl"  # the sample corpus: one `<domain>.jsonl` per domain
+TOKEN_ID_DTYPE = np.uint32  # ids on their way from the tokenizer (any vocabulary fits)
+LENGTH_DTYPE = np.int64
+
+
+# --------------------------------------------------------------------------------------------------
+# Config.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DomainInput:
+    """Where one domain's documents are and how to read them."""
+
+    paths: list[str]
+    """Files, directories (every file below them) or glob patterns."""
+    format: Literal["auto", "jsonl", "parquet", "text", "hf_dataset"] = "auto"
+    """How to read them; "auto" picks per file by its name (.jsonl[.gz|.zst], .parquet) or content."""
+    text_field: str = "text"
+    """The JSONL field, Parquet column or dataset column that holds the text."""
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        self.paths = [str(p) for p in self.paths]
+        if not self.paths:
+            raise UserError("a domain needs at least one input path (a file, directory or glob pattern)")
+        check_format(self.format)
+        if not self.text_field:
+            raise UserError("text_field must name the field that holds the text, got ''")
+
+
+@dataclass
+class PrepareConfig:
+    """What `sheared data prepare` does: which domains, which tokenizer, how long the sequences are."""
+
+    out_dir: str
+    """The prepared directory: metadata.json, `<domain>.<split>.bin`, tokenizer/."""
+    domains: dict[str, DomainInput]
+    """Domain name ([A-Za-z0-9_.-]+) -> its inputs, in the order they are prepared."""
+    source: str = "smollm2-135m"
+    """The model whose tokenizer is used: an embedded name, a HF directory or a .gguf file."""
+    seq_len: int = 1024
+    """Tokens per packed sequence."""
+    eval_sequences: int = 64
+    """Held-out sequences per domain (whole documents are held out, never parts shared with train)."""
+    max_train_sequences: int | None = None
+    """Cap on train sequences per domain; None packs every document."""
+    min_chars: int = 0
+    """Drop documents shorter than this many characters (empty documents are always dropped)."""
+    seed: int = 0
+    """Seeds the document shuffle (together with the domain name)."""
+    num_workers: int = 2
+    """Tokenizer processes; 1 tokenizes in this process."""
+    document_end_token: str | None = None
+    """Token appended after every document; None uses <|endoftext|> or <|end_of_text|> if the
+    vocabulary has one, else the tokenizer's eos_token."""
+
+    def __post_init__(self):
+        if not str(self.out_dir):
+            raise UserError("out_dir must name a directory, got ''")
+        self.out_dir = str(self.out_dir)
+        if not self.domains:
+            raise UserError("no domains given; give at least one domain NAME with its input paths")
+        self.domains = {name: _domain_input(name, spec) for name, spec in self.domains.items()}
+        for name in self.domains:
+            if not DOMAIN_NAME.fullmatch(name):
+                raise UserError(f"domain name {name!r} may only use letters, digits, '_', '.' and '-'")
+        minimums = {"seq_len": 2, "eval_sequences": 1, "num_workers": 1, "min_chars": 0, "seed": 0}
+        for key, minimum in minimums.items():
+            if getattr(self, key) < minimum:
+                raise UserError(f"{key} must be at least {minimum}, got {getattr(self, key)}")
+        if self.max_train_sequences is not None and self.max_train_sequences < 1:
+            raise UserError(
+                f"max_train_sequences must be at least 1 (or None for all), got {self.max_train_sequences}"
+            )
+        if self.document_end_token == "":
+            raise UserError("document_end_token must be a token of the vocabulary (or None), got ''")
+
+
+def _domain_input(name: str, spec: DomainInput | Mapping[str, Any] | Sequence[str] | str) -> DomainInput:
+    """A `DomainInput` from itself, a mapping of its fields, or just its paths."""
+    if isinstance(spec, DomainInput):
+        return spec
+    if isinstance(spec, Mapping):
+        return config_from_dict(DomainInput, spec, f"domains.{name}")
+    return DomainInput(paths=[spec] if isinstance(spec, str) else list(spec))
+
+
+def prepare_config_from_flags(
+    out_dir: str, domains: Sequence[str], corpus_dir: str | None, **overrides: Any
+) -> PrepareConfig:
+    """A `PrepareConfig` from command-line values.
+
+    Args:
+        out_dir: The prepared directory.
+        domains: `NAME=PATH[,PATH...]` items (paths may be files, directories or globs).
+        corpus_dir: A sample corpus folder: every `*.jsonl` in it is a domain named after the file.
+        **overrides: Other `PrepareConfig` fields (seq_len=256, ...); None values are left at
+            their defaults, so unset flags can be passed through.
+
+    Raises:
+        UserError: On a malformed `NAME=PATH` item, a domain named twice, a corpus folder without
+            JSONL files, no domains at all, or an invalid value.
+    """
+    named: dict[str, dict[str, Any]] = {}
+    if corpus_dir is not None:
+        folder = Path(corpus_dir)
+        if not folder.is_dir():
+            raise UserError(f"corpus directory {corpus_dir!r} does not exist")
+        files = sorted(folder.glob(CORPUS_GLOB))
+        if not files:
+            raise UserError(f"corpus directory {corpus_dir!r} has no {CORPUS_GLOB} files (one per domain)")
+        named.update({f.name.removesuffix(".jsonl"): {"paths": [str(f)]} for f in files})
+    for item in domains:
+        name, sep, raw_paths = item.partition("=")
+        paths = [p.strip() for p in raw_paths.split(",") if p.strip()]
+        if not sep or not name.strip() or not paths:
+            raise UserError(f"domain {item!r} is not of the form NAME=PATH[,PATH...]")
+        if name.strip() in named:
+            raise UserError(f"domain {name.strip()!r} is given twice; give each domain once")
+        named[name.strip()] = {"paths": paths}
+    if not named:
+        raise UserError("no domains given; pass NAME=PATH[,PATH...] items or a corpus directory")
+    values = {key: value for key, value in overrides.items() if value is not None}
+    return config_from_dict(PrepareConfig, {"out_dir": out_dir, "domains": named, **values})
+
+
+# --------------------------------------------------------------------------------------------------
+# Document convention and tokenization (pure functions of a tokenizer).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DocumentConvention:
+    """How a document becomes tokens: `[BOS] tokens(text) EOS`."""
+
+    add_special_tokens: bool
+    """Tokenize with the tokenizer's default special tokens (true when that default adds BOS)."""
+    bos_token_id: int | None
+    """The BOS id the tokenizer prepends itself, or None when it prepends nothing."""
+    eos_token_id: int
+    """The document-end id appended after every document."""
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of `token` when the vocabulary has it as one token, else None."""
+    return tokenizer.get_vocab().get(token)
+
+
+def document_convention(tokenizer: Any, document_end_token: str | None = None) -> DocumentConvention:
+    """The family's document convention for a tokenizer.
+
+    BOS is prepended iff the tokenizer adds it by default (Llama-3 does, SmolLM2 and Qwen do not).
+    The document end is `document_end_token` when given, else the first of `DOCUMENT_END_TOKENS`
+    the vocabulary holds as a single token, else the tokenizer's eos_token.
+
+    Raises:
+        UserError: If `document_end_token` is not a single token of the vocabulary, or no
+            document-end token can be found.
+    """
+    bos = tokenizer.bos_token_id
+    probe = tokenizer(BOS_PROBE_TEXT)["input_ids"]
+    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+    if document_end_token is not None:
+        eos = _single_token_id(tokenizer, document_end_token)
+        if eos is None:
+            raise UserError(
+                f"document_end_token {document_end_token!r} is not a single token of the tokenizer's vocabulary "
+                f"(its special tokens: {', '.join(tokenizer.all_special_tokens)})"
+            )
+    else:
+        found = [_single_token_id(tokenizer, t) for t in DOCUMENT_END_TOKENS]
+        eos = next((i for i in found if i is not None), tokenizer.eos_token_id)
+        if eos is None:
+            raise UserError(
+                f"tokenizer {tokenizer.name_or_path} has no document-end token (none of "
+                f"{', '.join(DOCUMENT_END_TOKENS)} and no eos_token); set document_end_token"
+            )
+    return DocumentConvention(
+        add_special_tokens=adds_bos, bos_token_id=bos if adds_bos else None, eos_token_id=eos
+    )
+
+
+def encode_documents(
+    tokenizer: Any, texts: Sequence[str], convention: DocumentConvention
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents as `[BOS] text EOS` each.
+
+    Special-token strings inside a text (say a literal "<|endoftext|>" in a web page) are tokenized as
+    plain text, so only the appended EOS ever marks a document end.
+
+    Args:
+        tokenizer: A fast `transformers` tokenizer.
+        texts: (n,) documents.
+        convention: BOS/EOS handling (see `document_convention`).
+
+    Returns:
+        tokens: (sum of lengths,) uint32, the documents' ids one after another.
+        lengths: (n,) int64, tokens per document (EOS included).
+    """
+    if not texts:
+        return np.zeros(0, dtype=TOKEN_ID_DTYPE), np.zeros(0, dtype=LENGTH_DTYPE)
+    encoded = tokenizer(
+        list(texts),
+        add_special_tokens=convention.add_special_tokens,
+        split_special_tokens=True,  # "<|endoftext|>" written inside a document is text, not a boundary
+        return_attention_mask=False,
+        verbose=False,  # documents are longer than model_max_length by design
+    )["input_ids"]
+    eos = [convention.eos_token_id]
+    ids = [token for document in encoded for token in (*document, *eos)]
+    lengths = np.fromiter((len(document) + 1 for document in encoded), dtype=LENGTH_DTYPE, count=len(encoded))
+    return np.asarray(ids, dtype=TOKEN_ID_DTYPE), lengths
+
+
+# Each tokenizer process loads the tokenizer once (in its initializer) and keeps it here; the parent
+# process never calls this, so the cache is empty there.
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(directory: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _init_worker(directory: str, rayon_threads: int) -> None:
+    # Share the cores between workers instead of every worker's Rust thread pool taking all of them.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(rayon_threads))
+    # An initializer that raises makes the pool start replacement workers forever; if loading fails
+    # here, the first task loads the tokenizer again and its error reaches the parent instead.
+    with contextlib.suppress(Exception):
+        _worker_tokenizer(directory)
+
+
+def _encode_in_worker(task: tuple[str, list[str], DocumentConvention]) -> tuple[np.ndarray, np.ndarray]:
+    directory, texts, convention = task
+    return encode_documents(_worker_tokenizer(directory), texts, convention)
+
+
+def _chunks(texts: Sequence[str]) -> Iterator[list[str]]:
+    """Consecutive runs of texts of about `CHUNK_CHARS` characters (at most `CHUNK_DOCUMENTS`)."""
+    chunk: list[str] = []
+    chars = 0
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _ordered_map(pool: Any, fn: Callable, tasks: Iterable[Any], in_flight: int) -> Iterator[Any]:
+    """`pool.imap(fn, tasks)` with at most `in_flight` tasks queued, so the consumer can stop early."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# An encoder maps chunks of texts to (tokens, lengths) per chunk, in order.
+Encoder = Callable[[Iterable[list[str]]], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _in_process_encoder(tokenizer: Any, convention: DocumentConvention) -> Encoder:
+    def encode(chunks: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for chunk in chunks:
+            yield encode_documents(tokenizer, chunk, convention)
+
+    return encode
+
+
+def _pool_encoder(pool: Any, tokenizer_dir: str, convention: DocumentConvention, num_workers: int) -> Encoder:
+    def encode(chunks: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        tasks = ((tokenizer_dir, chunk, convention) for chunk in chunks)
+        yield from _ordered_map(pool, _encode_in_worker, tasks, num_workers * CHUNKS_IN_FLIGHT_PER_WORKER)
+
+    return encode
+
+
+def _document_tokens(texts: Sequence[str], encoder: Encoder) -> Iterator[np.ndarray]:
+    """(length,) uint32 token ids of each document, in order."""
+    for tokens, lengths in encoder(_chunks(texts)):
+        yield from np.split(tokens, np.cumsum(lengths)[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Packer:
+    """Cuts a stream of documents' tokens into full `seq_len` rows and writes them to a token file."""
+
+    def __init__(self, writer: TokenFileWriter, seq_len: int, max_sequences: int | None):
+        self.writer = writer
+        self.seq_len = seq_len
+        self.max_sequences = max_sequences
+        self.sequences = 0
+        self.documents = 0
+        self.tokens_seen = 0  # all tokens of the documents added, written or not
+        self._tail = np.zeros(0, dtype=TOKEN_ID_DTYPE)  # < seq_len tokens waiting for the next document
+
+    @property
+    def full(self) -> bool:
+        return self.max_sequences is not None and self.sequences >= self.max_sequences
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Append one document's tokens ((n,) uint32); whole rows are written, the rest waits."""
+        assert not self.full
+        self.documents += 1
+        self.tokens_seen += len(tokens)
+        stream = np.concatenate([self._tail, tokens])
+        rows = len(stream) // self.seq_len
+        if self.max_sequences is not None:
+            rows = min(rows, self.max_sequences - self.sequences)
+        self.writer.write(stream[: rows * self.seq_len])
+        self.sequences += rows
+        self._tail = stream[rows * self.seq_len :]
+
+
+def _shuffled(items: Sequence[str], seed: int, domain: str) -> list[str]:
+    """`items` in an order that depends only on `seed` and the domain name."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def _read_domain(name: str, spec: DomainInput, min_chars: int) -> list[str]:
+    """The domain's document texts, in reading order, without empty or too-short ones."""
+    shortest = max(min_chars, 1)
+    texts = [
+        text for text, _ in iter_documents(spec.paths, spec.format, spec.text_field) if len(text) >= shortest
+    ]
+    if not texts:
+        limit = f" with at least {min_chars} characters" if min_chars > 0 else ""
+        raise UserError(f"domain {name!r} has no documents{limit} in {', '.join(spec.paths)}")
+    return texts
+
+
+def _domain_options(cfg: PrepareConfig, spec: DomainInput) -> dict[str, Any]:
+    """Settings that decide a domain's files besides the global ones (compared on re-runs)."""
+    return {
+        "format": spec.format,
+        "text_field": spec.text_field,
+        "min_chars": cfg.min_chars,
+        "eval_sequences": cfg.eval_sequences,
+        "max_train_sequences": cfg.max_train_sequences,
+    }
+
+
+def _prepare_domain(
+    name: str, cfg: PrepareConfig, out: Path, dtype: np.dtype, encoder: Encoder, progress: bool
+) -> dict[str, Any]:
+    """Tokenize, split and pack one domain into its two token files; returns its metadata entry."""
+    spec = cfg.domains[name]
+    texts = _shuffled(_read_domain(name, spec, cfg.min_chars), cfg.seed, name)
+    eval_tokens = cfg.eval_sequences * cfg.seq_len
+    paths = {split: out / token_file_name(name, split) for split in SPLITS}
+    started = time.perf_counter()
+    with (
+        TokenFileWriter(paths["eval"], dtype) as eval_writer,
+        TokenFileWriter(paths["train"], dtype) as train_writer,
+        tqdm(total=len(texts), desc=name, unit="doc", disable=not progress) as bar,
+    ):
+        packers = {
+            "eval": _Packer(eval_writer, cfg.seq_len, cfg.eval_sequences),
+            "train": _Packer(train_writer, cfg.seq_len, cfg.max_train_sequences),
+        }
+        for tokens in _document_tokens(texts, encoder):
+            # Whole documents go to eval until it is full: no document is split between the two.
+            packers["eval" if not packers["eval"].full else "train"].add(tokens)
+            bar.update(1)
+            if packers["train"].full:
+                break
+        if not packers["eval"].full or packers["train"].sequences == 0:
+            seen = sum(p.tokens_seen for p in packers.values())
+            raise UserError(
+                f"domain {name!r} is too small: its {len(texts)} documents have {seen} tokens, but "
+                f"{cfg.eval_sequences} eval sequences need {eval_tokens} tokens plus {cfg.seq_len} for one "
+                f"train sequence (seq_len {cfg.seq_len}); lower eval_sequences or seq_len, or add documents"
+            )
+        checksums = {"eval": eval_writer.commit(), "train": train_writer.commit()}
+    elapsed = time.perf_counter() - started
+    total = sum(p.tokens_seen for p in packers.values())
+    print(
+        f"{name}: {packers['train'].sequences} train + {packers['eval'].sequences} eval sequences of "
+        f"{cfg.seq_len} tokens from {sum(p.documents for p in packers.values())} documents "
+        f"({total / max(elapsed, 1e-9):,.0f} tokens/s)"
+    )
+    return {
+        "sources": list(spec.paths),
+        "options": _domain_options(cfg, spec),
+        "documents": {split: packers[split].documents for split in SPLITS},
+        "splits": {
+            split: {
+                "file": paths[split].name,
+                "sequences": packers[split].sequences,
+                "tokens": packers[split].sequences * cfg.seq_len,
+                "sha256": checksums[split],
+            }
+            for split in SPLITS
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The stateful shell: existing output, tokenizer, workers.
+# --------------------------------------------------------------------------------------------------
+
+
+def _source_tokenizer(spec: str) -> Any:
+    """The tokenizer of a source model (its weights are not loaded)."""
+    from sheared.model.loading import _load_tokenizer, resolve_source
+
+    kind, path = resolve_source(spec)
+    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if kind == "gguf" else _load_tokenizer(path)
+    if tokenizer is None:
+        raise UserError(
+            f"source {spec!r} has no tokenizer files (tokenizer.json); give a source that has one"
+        )
+    return tokenizer
+
+
+def _header(
+    cfg: PrepareConfig, fingerprint: dict[str, Any], convention: DocumentConvention
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": fingerprint,
+        "seq_len": cfg.seq_len,
+        "dtype": dtype_name(token_dtype(fingerprint["vocab_size"])),
+        "bos_token_id": convention.bos_token_id,
+        "eos_token_id": convention.eos_token_id,
+        "seed": cfg.seed,
+    }
+
+
+def _check_same_header(out: Path, existing: dict[str, Any], header: dict[str, Any]) -> None:
+    """Refuse to add to a directory prepared with other global settings."""
+
+    def describe(metadata: dict[str, Any]) -> dict[str, str]:
+        tok = metadata.get("tokenizer", {})
+        return {
+            "seq_len": f"seq_len {metadata.get('seq_len')}",
+            "tokenizer": f"tokenizer {tok.get('name')} (sha256 {str(tok.get('sha256'))[:12]}…)",
+            "bos_token_id": f"bos_token_id {metadata.get('bos_token_id')}",
+            "eos_token_id": f"eos_token_id {metadata.get('eos_token_id')}",
+            "seed": f"seed {metadata.get('seed')}",
+        }
+
+    old, new = describe(existing), describe(header)
+    old_sha, new_sha = existing.get("tokenizer", {}).get("sha256"), header["tokenizer"]["sha256"]
+    differ = [k for k in old if (old_sha != new_sha if k == "tokenizer" else old[k] != new[k])]
+    if differ:
+        held = ", ".join(old[k] for k in differ)
+        asked = ", ".join(new[k] for k in differ)
+        raise UserError(
+            f"{out} holds data prepared with {held} (asked for {asked}); choose another out_dir or delete it"
+        )
+
+
+def _check_same_domain(out: Path, name: str, entry: dict[str, Any], cfg: PrepareConfig) -> None:
+    spec = cfg.domains[name]
+    if entry.get("sources") != list(spec.paths) or entry.get("options") != _domain_options(cfg, spec):
+        raise UserError(
+            f"domain {name!r} in {out} was prepared from {entry.get('sources')} with {entry.get('options')}, "
+            f"not from {list(spec.paths)} with {_domain_options(cfg, spec)}; choose another out_dir or domain name"
+        )
+
+
+def _finished_problem(out: Path, metadata: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """None when a listed domain's token files exist with the right sizes, else what is wrong."""
+    for split in SPLITS:
+        problem = token_file_problem(out, metadata, entry["splits"][split])
+        if problem is not None:
+            return problem
+    return None
+
+
+def _in_config_order(domains: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
+    """Domains of earlier runs that `cfg` does not name first, then `cfg`'s domains in its order."""
+    others = {name: entry for name, entry in domains.items() if name not in cfg.domains}
+    return others | {name: domains[name] for name in cfg.domains if name in domains}
+
+
+def _save_tokenizer(tokenizer: Any, out: Path, fingerprint: dict[str, Any]) -> Path:
+    """Save the tokenizer to `out/tokenizer` (replacing what is there) and check it reloads the same."""
+    from transformers import AutoTokenizer
+
+    target = out / TOKENIZER_DIR
+    staging = out / f"{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(str(staging))
+    reloaded = AutoTokenizer.from_pretrained(str(staging))
+    if tokenizer_fingerprint(reloaded)["sha256"] != fingerprint["sha256"]:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(
+            f"tokenizer {fingerprint['name']} does not reload identically from save_pretrained; use num_workers 1"
+        )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Tokenize and pack every domain of `cfg` into `cfg.out_dir` (see the module docstring).
+
+    Args:
+        cfg: What to prepare.
+        tokenizer: A fast `transformers` tokenizer; None loads the tokenizer of `cfg.source`.
+        progress: Show a tqdm bar per domain.
+
+    Returns:
+        The metadata written to `out_dir/metadata.json`.
+
+    With `num_workers > 1` the tokenizer processes are started with "spawn"; a script calling this
+    must do so under `if __name__ == "__main__":`, as for any multiprocessing pool.
+
+    Raises:
+        UserError: On a missing input, a domain without documents or too small for its eval and
+            one train sequence, a bad document_end_token, or an out_dir holding data prepared with
+            another tokenizer, seq_len, seed or document convention (nothing is overwritten then).
+    """
+    out = Path(cfg.out_dir)
+    existing = read_metadata(out) if (out / METADATA_FILE).exists() else None
+    for spec in cfg.domains.values():
+        expand_paths(spec.paths)  # a missing input fails now, not after the first domains
+    if tokenizer is None:
+        tokenizer = _source_tokenizer(cfg.source)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    convention = document_convention(tokenizer, cfg.document_end_token)
+    header = _header(cfg, fingerprint, convention)
+    if existing is not None:
+        _check_same_header(out, existing, header)
+        for name in cfg.domains:
+            if name in existing.get("domains", {}):
+                _check_same_domain(out, name, existing["domains"][name], cfg)
+    metadata = existing if existing is not None else {**header, "domains": {}}
+    dtype = token_dtype(fingerprint["vocab_size"])
+
+    todo = []
+    for name in cfg.domains:
+        entry = metadata["domains"].get(name)
+        problem = None if entry is None else _finished_problem(out, metadata, entry)
+        if entry is not None and problem is None:
+            print(f"skip {name}: already prepared")
+        else:
+            if entry is not None:
+                print(f"redo {name}: {problem}")
+            todo.append(name)
+    if not todo:
+        return metadata
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in todo:
+        if metadata["domains"].pop(name, None) is not None:
+            write_metadata(out, metadata)  # never list files that are about to be replaced
+    tokenizer_dir = _save_tokenizer(tokenizer, out, fingerprint)  # what the workers load
+
+    pool = None
+    try:
+        if cfg.num_workers > 1:
+            rayon_threads = max(1, (os.cpu_count() or 1) // cfg.num_workers)
+            context = multiprocessing.get_context(START_METHOD)
+            pool = context.Pool(cfg.num_workers, _init_worker, (str(tokenizer_dir), rayon_threads))
+            encoder = _pool_encoder(pool, str(tokenizer_dir), convention, cfg.num_workers)
+        else:
+            encoder = _in_process_encoder(tokenizer, convention)
+        for name in todo:
+            metadata["domains"][name] = _prepare_domain(name, cfg, out, dtype, encoder, progress)
+            metadata["domains"] = _in_config_order(metadata["domains"], cfg)
+            write_metadata(out, metadata)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return metadata
