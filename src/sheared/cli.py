@@ -114,6 +114,34 @@ def cmd_reference_loss(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_command(ns: argparse.Namespace, config_cls_name: str) -> int:
+    from sheared.config import load_config
+    from sheared.train import config as train_config
+
+    cfg = load_config(getattr(train_config, config_cls_name), ns.config, ns.overrides)
+    if ns.dry_run:
+        from sheared.train.plan import plan
+
+        print(plan(cfg, ns.run_dir))
+        return 0
+    from sheared.train.loop import run
+
+    result = run(cfg, ns.run_dir, resume=ns.resume)
+    if result.eval_losses:
+        losses = ", ".join(f"{d} {v:.3f}" for d, v in result.eval_losses.items())
+        print(f"final eval loss per domain: {losses}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    return _run_command(ns, "PruneConfig")
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    return _run_command(ns, "TrainConfig")
+
+
 def _write_json_new(path: str, data: dict, force: bool) -> None:
     from pathlib import Path
 
@@ -163,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the predictions and fits as JSON")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_reference_loss)
+
+    for name, func, what in (
+        ("prune", cmd_prune, "learn structured masks to the target shape while training (SPEC §2-§5)"),
+        ("train", cmd_train, "continued pretraining with dynamic batch loading"),
+    ):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+        p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and results go")
+        p.add_argument(
+            "--resume", action="store_true", help="continue from the newest checkpoint in --run-dir"
+        )
+        p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")

@@ -998,8 +998,9 @@ def build_sample_corpus(
             raise UserError(f"unknown corpus domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
     if max_documents_per_domain is not None and max_documents_per_domain < 1:
         raise UserError(f"max_documents_per_domain must be at least 1, got {max_documents_per_domain}")
-    out = Path(out_dir)
-    cache = out / DEFAULT_CACHE_DIRNAME if cache_dir is None else Path(cache_dir)
+    # Absolute paths: the unpacked `bible` program runs with another working directory.
+    out = Path(out_dir).resolve()
+    cache = out / DEFAULT_CACHE_DIRNAME if cache_dir is None else Path(cache_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     packages = _DebianPackages(cache)

@@ -1,0 +1,239 @@
+"""Run configs of `sheared prune` and `sheared train` (typed, strict; see `sheared.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sheared.errors import UserError
+from sheared.pruning.target import TargetShape
+
+
+@dataclass
+class SourceInit:
+    """A random-weight source written to `source` when that directory does not exist yet (tests, smoke runs)."""
+
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    """Family of the random model."""
+    num_hidden_layers: int = 4
+    """Layers."""
+    hidden_size: int = 64
+    """Residual width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int = 2
+    """KV heads."""
+    head_dim: int = 16
+    """Head width."""
+    intermediate_size: int = 128
+    """MLP width."""
+    tie_word_embeddings: bool = True
+    """Tie input and output embeddings."""
+    tokenizer: str = "smollm2-135m"
+    """Source whose tokenizer (and vocabulary size) the random model uses."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+
+@dataclass
+class AutoPrepare:
+    """How to make the prepared data when `data.path` holds none yet."""
+
+    corpus: Literal["tiny", "sample"] = "sample"
+    """`tiny`: two small domains from the Python standard library (a second, offline anywhere);
+    `sample`: the seven-domain sample corpus (`sheared data sample-corpus`)."""
+    corpus_dir: str = "data/corpus"
+    """Where the corpus JSONL files are (built there if missing)."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    eval_sequences: int = 16
+    """Held-out sequences per domain."""
+    max_train_sequences: int | None = 2000
+    """Training sequences per domain (None: all)."""
+    num_workers: int = 1
+    """Tokenizer processes (the fast tokenizer already uses every core of a small machine)."""
+
+
+@dataclass
+class DataConfig:
+    """Training data and dynamic batch loading."""
+
+    path: str
+    """Prepared data directory (`sheared data prepare`)."""
+    seq_len: int | None = None
+    """Sequence length the prepared data must have (checked; also used by `--dry-run` before the data exists)."""
+    initial_weights: dict[str, float] | None = None
+    """Initial domain weights (domain -> weight, summing to 1); None: proportional to training tokens
+    when pruning, and the pruning run's final weights when continuing a pruned model."""
+    reference_losses: str | dict[str, float] = "source"
+    """`source` (the source model's own per-domain eval loss), a mapping domain -> loss, or a JSON
+    file written by `sheared data reference-loss`."""
+    dynamic: bool = True
+    """Reweight the domains every `train.eval_interval` steps (dynamic batch loading)."""
+    eta: float = 1.0
+    """Step size of the weight update."""
+    smoothing: float = 1e-4
+    """Share of the uniform distribution mixed into every update."""
+    clip_excess: bool = True
+    """Clip negative excess losses to 0 (the paper's Algorithm 1; false reproduces the released code)."""
+    eval_batch_size: int = 8
+    """Sequences per forward pass during evaluation."""
+    max_eval_sequences: int | None = None
+    """Evaluate at most this many held-out sequences per domain (None: all)."""
+    verify: Literal["checksum", "size"] = "checksum"
+    """How token files are checked against their metadata before training."""
+    auto_prepare: AutoPrepare | None = None
+    """If set and `path` holds no prepared data, make it first (corpus + prepare)."""
+
+    def __post_init__(self) -> None:
+        if self.eta <= 0:
+            raise UserError(f"data.eta must be positive, got {self.eta}")
+        if not 0 <= self.smoothing < 1:
+            raise UserError(f"data.smoothing must be in [0, 1), got {self.smoothing}")
+        if self.eval_batch_size < 1:
+            raise UserError(f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (one multiplier for every parameter group)."""
+
+    lr: float = 1e-4
+    """Peak learning rate of the model weights."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the model weights."""
+    warmup_fraction: float = 0.1
+    """Linear warm-up over this fraction of the steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm of the model weights to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"optim.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise UserError(f"optim.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise UserError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class PruningConfig:
+    """The target shape and the optimisation of masks and Lagrange multipliers."""
+
+    target: TargetShape
+    """Exact shape of the pruned model."""
+    log_alpha_lr: float = 1.0
+    """Learning rate of the masks' log_alpha."""
+    lambda_lr: float = 1.0
+    """Learning rate of the Lagrange multipliers (gradient ascent)."""
+    lagrangian_warmup_fraction: float = 0.2
+    """The target sparsity rises linearly from 0 over this fraction of the steps."""
+
+    def __post_init__(self) -> None:
+        if self.log_alpha_lr <= 0 or self.lambda_lr <= 0:
+            raise UserError("pruning.log_alpha_lr and pruning.lambda_lr must be positive")
+        if not 0 <= self.lagrangian_warmup_fraction <= 1:
+            raise UserError(
+                f"pruning.lagrangian_warmup_fraction must be in [0, 1], got {self.lagrangian_warmup_fraction}"
+            )
+
+
+@dataclass
+class LoopConfig:
+    """Steps, batches, evaluation, checkpoints, precision."""
+
+    steps: int
+    """Optimizer steps."""
+    global_batch_size: int
+    """Sequences per optimizer step, over all ranks."""
+    micro_batch_size: int
+    """Sequences per forward pass on one rank (the rest is gradient accumulation)."""
+    eval_interval: int = 50
+    """Evaluate per domain (and update the domain weights) every this many steps."""
+    save_interval: int = 200
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    seed: int = 0
+    """Seed of data order, mask noise and random initialisation."""
+    precision: Literal["fp32", "bf16-autocast", "bf16"] = "fp32"
+    """fp32; bf16 autocast with fp32 weights; or bf16 weights (masks, log_alpha and lambdas stay fp32)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "eval_interval",
+            "save_interval",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise UserError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+@dataclass
+class DistributedConfig:
+    """Data parallelism under torchrun."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """`auto`: DDP when started by torchrun with several processes, else none."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (saves activation memory)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend (`auto`: nccl on CUDA, gloo on CPU)."""
+
+
+@dataclass
+class PruneConfig:
+    """`sheared prune`: learn masks to the target shape while training the source."""
+
+    source: str
+    """Source model: a Hugging Face directory, a .gguf file or `smollm2-135m`."""
+    data: DataConfig
+    """Training data and dynamic batch loading."""
+    pruning: PruningConfig
+    """Target shape and mask/multiplier optimisation."""
+    train: LoopConfig
+    """Steps, batches, evaluation and checkpoint intervals."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and schedule of the model weights."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data parallelism."""
+    source_init: SourceInit | None = None
+    """Write a random-weight source to `source` if that directory does not exist."""
+    source_config: str | None = None
+    """A copy of the source's config.json, used by `--dry-run` when `source` is not on this machine."""
+
+
+@dataclass
+class TrainConfig:
+    """`sheared train`: continued pretraining of an exported (or any Hugging Face) model."""
+
+    model: str
+    """Model to train: an export of `sheared export`, any Hugging Face directory, or a .gguf file."""
+    data: DataConfig
+    """Training data and dynamic batch loading."""
+    train: LoopConfig
+    """Steps, batches, evaluation and checkpoint intervals."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_fraction=0.03))
+    """AdamW and schedule (continued pretraining warms up over 3% of the steps)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data parallelism."""

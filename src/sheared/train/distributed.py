@@ -1,0 +1,144 @@
+"""Data parallelism under torchrun: process group, device, DDP or FSDP2, activation checkpointing.
+
+The model file knows nothing of this; the loop asks for an environment and a wrapped model.
+The L0 module and the Lagrange multipliers are small and stay replicated: their gradients are
+all-reduced (averaged) by `average_gradients`, like DDP does for the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sheared.errors import UserError
+from sheared.train.config import DistributedConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size, device, and the data-parallel strategy."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    strategy: str
+    """`none`, `ddp` or `fsdp`."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: DistributedConfig, device: str) -> DistEnv:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK) and pick a device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device is cuda but no CUDA device is available; use device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    strategy = cfg.strategy
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if strategy == "none" and world > 1:
+        raise UserError(
+            f"distributed.strategy is none but torchrun started {world} processes; use ddp or fsdp"
+        )
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy)
+
+
+def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, bf16: bool) -> nn.Module:
+    """Activation checkpointing per decoder layer, then DDP or FSDP2 (`fully_shard` per layer, then root).
+
+    Under FSDP2 with `bf16`, parameters are gathered in bf16 for compute while the sharded fp32
+    parameters stay the master weights (gradients reduced in fp32).
+    """
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    if env.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not dist.is_initialized():  # one process: nothing to synchronise
+            return model
+        return DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+        )
+    if env.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():
+            raise UserError(
+                "distributed.strategy fsdp needs torchrun (a process group), even for one process"
+            )
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+        )
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    return model
+
+
+def gradient_sync(model: nn.Module, env: DistEnv, sync: bool) -> AbstractContextManager:
+    """Skip the gradient all-reduce on accumulation micro-batches (all but the last of a step)."""
+    if env.strategy == "ddp" and hasattr(model, "no_sync") and not sync:
+        return model.no_sync()
+    if env.strategy == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def average_gradients(params: Iterable[nn.Parameter], env: DistEnv) -> None:
+    """All-reduce (mean) the gradients of replicated parameters that no wrapper synchronises."""
+    if not env.distributed:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
+            if env.device.type != "cuda":  # gloo has no AVG
+                p.grad /= env.world_size
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum floats over ranks (for logging)."""
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()

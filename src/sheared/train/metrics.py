@@ -1,0 +1,73 @@
+"""Watching a run: `metrics.jsonl` (one line per step, flushed), TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per step; only the main rank writes.
+
+    Args:
+        run_dir: the run directory.
+        enabled: False on ranks other than 0.
+        resume_step: when resuming, lines of later steps (written after the checkpoint by a
+            run that then crashed) are dropped so the file has each step once.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step)
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

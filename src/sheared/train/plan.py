@@ -1,0 +1,152 @@
+"""`--dry-run`: validate a run config and print the plan, without loading weights or data.
+
+The source's shape comes from its config alone (for large sources the model is built on the meta
+device only to count parameters), so a plan for a 7B recipe prints on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sheared.errors import UserError
+from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_config
+from sheared.pruning.target import mask_specs
+from sheared.train.config import PruneConfig, TrainConfig
+
+
+def _source_args(spec: str, fallback_config: str | None, init) -> tuple[ModelArgs, str]:
+    """Shape of the source and a note on where it came from."""
+    try:
+        args, _, path = read_source_config(spec)
+        return args, str(path)
+    except UserError:
+        if fallback_config is not None:
+            args, _, path = read_source_config(fallback_config)
+            return args, f"{spec} (not on this machine; shape from {path})"
+        if init is not None:
+            return None, f"{spec} (to be created: random {init.family} model)"
+        raise
+
+
+def _shape(args: ModelArgs) -> str:
+    return (
+        f"{args.num_hidden_layers} layers / hidden {args.hidden_size} / {args.num_attention_heads} heads / "
+        f"{args.num_key_value_heads} KV heads / head_dim {args.head_dim} / intermediate {args.intermediate_size} / "
+        f"vocab {args.vocab_size} / {'tied' if args.tie_word_embeddings else 'untied'}"
+    )
+
+
+def _meta_counts(args: ModelArgs) -> tuple[int, int]:
+    """(total, prunable attention + MLP) parameters, counted on a meta-device model."""
+    with torch.device("meta"):
+        model = CausalLM(args)
+    prunable = sum(
+        p.numel()
+        for layer in model.model.layers
+        for m in (layer.self_attn, layer.mlp)
+        for p in m.parameters()
+    )
+    return model.num_params(), prunable
+
+
+def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None]:
+    from sheared.data.tokens import METADATA_FILE, read_metadata
+
+    path = Path(cfg.data.path)
+    if (path / METADATA_FILE).is_file():
+        meta = read_metadata(path)
+        if seq_len_hint is not None and meta["seq_len"] != seq_len_hint:
+            raise UserError(
+                f"data.seq_len is {seq_len_hint} but {path} was prepared with seq_len {meta['seq_len']}"
+            )
+        lines = [f"data: {path} (seq_len {meta['seq_len']}, {meta['dtype']})"]
+        for name, entry in meta["domains"].items():
+            split = entry["splits"]
+            lines.append(
+                f"  {name:<14} train {split['train']['sequences']:>9,} seq   eval {split['eval']['sequences']:>6,} seq"
+            )
+        return lines, meta["seq_len"]
+    if cfg.data.auto_prepare is not None:
+        auto = cfg.data.auto_prepare
+        return [
+            f"data: {path} (missing; will be prepared from the {auto.corpus} corpus in {auto.corpus_dir})"
+        ], auto.seq_len
+    return [f"data: {path} (missing; run `sheared data prepare` before training)"], seq_len_hint
+
+
+def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
+    """The plan of a run as printable text; raises UserError for anything invalid."""
+    pruning = isinstance(cfg, PruneConfig)
+    loop = cfg.train
+    spec = cfg.source if pruning else cfg.model
+    args, where = _source_args(spec, getattr(cfg, "source_config", None), getattr(cfg, "source_init", None))
+    lines = [f"{'prune' if pruning else 'train'} plan", f"source: {where}"]
+    if args is None:  # a source_init model: its vocabulary comes from the tokenizer
+        init = cfg.source_init
+        lines.append(
+            f"  random {init.family}: {init.num_hidden_layers} layers / hidden {init.hidden_size} / "
+            f"{init.num_attention_heads} heads / {init.num_key_value_heads} KV heads, tokenizer of {init.tokenizer}"
+        )
+    else:
+        total, prunable = _meta_counts(args)
+        counts = parameter_counts(args)
+        assert total == counts["num_params"]
+        lines += [
+            f"  shape: {_shape(args)}",
+            f"  parameters: {total:,} total, {counts['num_params_non_embedding']:,} non-embedding, "
+            f"{prunable:,} prunable (attention + MLP)",
+        ]
+    if pruning:
+        target = cfg.pruning.target
+        lines.append(
+            f"target: {target.num_hidden_layers} layers / hidden {target.hidden_size} / {target.num_attention_heads} heads / "
+            f"{target.num_key_value_heads} KV heads / intermediate {target.intermediate_size}"
+        )
+        if args is not None:
+            specs = mask_specs(args, target)
+            t_counts = parameter_counts(target.model_args(args))
+            lines.append(
+                f"  parameters: {t_counts['num_params']:,} total, {t_counts['num_params_non_embedding']:,} non-embedding "
+                f"({t_counts['num_params_non_embedding'] / parameter_counts(args)['num_params_non_embedding']:.1%} of the source's)"
+            )
+            lines.append("masks:" if specs else "masks: none (the target equals the source)")
+            for s in specs:
+                lines.append(
+                    f"  {s.name:<13} shape {tuple(s.shape)}, keep {s.target_kept} of {s.row_size} per row "
+                    f"(target sparsity {s.target_sparsity:.3f})"
+                )
+    data_lines, seq_len = _data_lines(cfg, cfg.data.seq_len)
+    lines += data_lines
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = loop.global_batch_size // world
+    if loop.global_batch_size % (loop.micro_batch_size * world):
+        raise UserError(
+            f"train.global_batch_size ({loop.global_batch_size}) must be a multiple of micro_batch_size "
+            f"({loop.micro_batch_size}) × ranks ({world})"
+        )
+    accum = per_rank // loop.micro_batch_size
+    if seq_len is not None:
+        per_step = loop.global_batch_size * seq_len
+        lines.append(
+            f"tokens: {per_step:,} per step ({loop.global_batch_size} sequences × {seq_len}), "
+            f"{per_step * loop.steps:,} in {loop.steps:,} steps"
+        )
+    lines += [
+        f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; precision {loop.precision}; "
+        f"strategy {cfg.distributed.strategy}",
+        f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
+        f"{cfg.optim.min_lr_ratio:g}×"
+        + (
+            f"; Lagrangian warm-up {round(cfg.pruning.lagrangian_warmup_fraction * loop.steps)} steps"
+            if pruning
+            else ""
+        ),
+        f"dynamic batch loading: {'every ' + str(loop.eval_interval) + ' steps' if cfg.data.dynamic else 'off'}; "
+        f"reference losses: {cfg.data.reference_losses if isinstance(cfg.data.reference_losses, str) else 'explicit'}",
+        f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/ every {loop.save_interval} steps, "
+        f"newest {loop.keep_checkpoints} kept{', masks/ at the end' if pruning else ''})",
+    ]
+    return "\n".join(lines)

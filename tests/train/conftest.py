@@ -1,0 +1,50 @@
+"""Fixtures of the training tests: the tiny source and prepared data, made once per session."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sheared.config import load_config
+from sheared.train.config import PruneConfig
+from sheared.train.data_setup import ensure_prepared, ensure_source
+
+TINY_CONFIG = "configs/tiny/prune.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A random tiny source and its prepared tiny data, shared read-only by the tests."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(
+        PruneConfig,
+        TINY_CONFIG,
+        [
+            f"source={root / 'source'}",
+            f"data.path={root / 'prepared'}",
+            f"data.auto_prepare.corpus_dir={root / 'corpus'}",
+        ],
+    )
+    ensure_source(cfg.source_init, cfg.source)
+    from sheared.model import load_source
+
+    ensure_prepared(cfg.data, load_source(cfg.source).tokenizer, cfg.source)
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_assets, tmp_path):
+    """A function building the tiny PruneConfig (with overrides) on a private copy of the data."""
+
+    def make(*overrides: str) -> PruneConfig:
+        data = tmp_path / "prepared"
+        if not data.exists():
+            shutil.copytree(tiny_assets / "prepared", data)
+        return load_config(
+            PruneConfig,
+            TINY_CONFIG,
+            [f"source={tiny_assets / 'source'}", f"data.path={data}", "data.auto_prepare=null", *overrides],
+        )
+
+    return make
