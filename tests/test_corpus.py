@@ -290,7 +290,9 @@ def test_missing_apt_skips_with_reasons(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg") is None, reason="needs apt")
 def test_full_corpus_matches_corpus_md(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a relative out_dir, as `make demo` passes (the bible program runs elsewhere)
+    monkeypatch.chdir(
+        tmp_path
+    )  # a relative out_dir, as `make demo` passes (the bible program runs elsewhere)
     reports = build_sample_corpus("corpus", progress=False)
     tmp_path = tmp_path / "corpus"
     assert [r.domain for r in reports] == list(DOMAINS)

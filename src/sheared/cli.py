@@ -142,6 +142,27 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return _run_command(ns, "TrainConfig")
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from sheared.export import ExportVerificationError, export_run
+
+    try:
+        report = export_run(ns.run, ns.out, force=ns.force, dtype=ns.dtype)
+    except ExportVerificationError as e:
+        print(f"sheared: export failed verification: {e}", file=sys.stderr)
+        return 1
+    shape = report["exported_shape"]
+    print(
+        f"exported {shape['model_type']}: {shape['num_hidden_layers']} layers / hidden {shape['hidden_size']} / "
+        f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV heads / head_dim {shape['head_dim']} / "
+        f"intermediate {shape['intermediate_size']}; {report['exported_num_params']:,} parameters"
+    )
+    print(
+        f"verified: strict reload with transformers, max |logit diff| {report['max_abs_logit_diff']:.2e} "
+        f"(tolerance {report['tolerance']:g}); report in {ns.out}/export_report.json"
+    )
+    return 0
+
+
 def _write_json_new(path: str, data: dict, force: bool) -> None:
     from pathlib import Path
 
@@ -205,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="masks -> a verified standard Hugging Face checkpoint")
+    p.add_argument("run", help="a run directory (its newest checkpoint) or one checkpoint folder")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a previous export in --out")
+    p.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 or bfloat16")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")

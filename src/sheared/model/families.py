@@ -119,7 +119,13 @@ _SHAPE_KEYS = (
     "max_position_embeddings",
 )
 # Entries of a source config that describe a file, a quantization or a load, not the model.
-_DROPPED_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")
+_DROPPED_KEYS = (
+    "quantization_config",
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "layer_types",  # per-layer list (Qwen2/3); regenerated for the new depth (all full attention)
+)
 
 
 def hf_config_from_args(args: ModelArgs, base: dict[str, Any] | None = None) -> PretrainedConfig:

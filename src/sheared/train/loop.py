@@ -55,7 +55,9 @@ from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rat
 MASKS_DIR = "masks"
 MASKS_FILE = "masks.pt"
 MASKS_SUMMARY = "masks.json"
-RUN_STATE_FILE = "run_state.json"  # final domain weights and reference losses, read by export and train
+# Written by `sheared export` next to a model: the run's domain weights and reference losses, so
+# that continued pretraining starts from them.
+RUN_STATE_FILE = "sheared_run_state.json"
 
 
 class Trainable(nn.Module):
@@ -318,11 +320,8 @@ def _run(cfg, run_dir: Path, env: DistEnv, pruning: bool, resume: bool, progress
     metrics.close()
 
     final_weights = dict(zip(domains, sampler.weights))
-    if env.is_main:
-        state = {"domain_weights": final_weights, "reference_losses": reference, "source": str(source.path)}
-        (run_dir / RUN_STATE_FILE).write_text(json.dumps(state, indent=2))
-        if l0 is not None:
-            save_final_masks(run_dir, l0)
+    if env.is_main and l0 is not None:
+        save_final_masks(run_dir, l0)
     barrier(env)
     return RunResult(
         run_dir=run_dir,
@@ -354,7 +353,7 @@ def _target_params(l0: L0Module) -> float:
 
 
 def _previous_run_state(model_path: Path) -> dict[str, Any]:
-    """The pruning run's final weights and reference losses, kept next to an exported model."""
+    """The previous run's domain weights and reference losses, kept next to an exported model."""
     path = model_path / RUN_STATE_FILE if model_path.is_dir() else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 

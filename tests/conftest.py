@@ -48,3 +48,29 @@ def tiny_config(tiny_assets, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_assets, tmp_path_factory):
+    """The tiny source pruned for a few steps and exported (a small real HF model with run state)."""
+    from sheared.export import export_run
+    from sheared.train.loop import run
+
+    root = tmp_path_factory.mktemp("tiny-export")
+    shutil.copytree(tiny_assets / "prepared", root / "prepared")
+    cfg = load_config(
+        PruneConfig,
+        TINY_CONFIG,
+        [
+            f"source={tiny_assets / 'source'}",
+            f"data.path={root / 'prepared'}",
+            "data.auto_prepare=null",
+            "train.steps=20",
+            "train.eval_interval=10",
+            "train.save_interval=20",
+            "data.max_eval_sequences=2",
+        ],
+    )
+    run(cfg, root / "run", progress=False)
+    export_run(root / "run", root / "export")
+    return root / "export"

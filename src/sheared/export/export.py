@@ -1,0 +1,314 @@
+"""`sheared export`: a run (or one of its checkpoints) -> a verified standard Hugging Face checkpoint.
+
+For a pruning run: exact-target deterministic masks, compaction (`sheared.pruning.compaction`), a
+config of the source's own family with the target shape and an explicit `head_dim`. For a
+continued-pretraining run: the trained weights as they are. Either way the directory is reloaded
+with `AutoModelForCausalLM.from_pretrained` (no custom code, strict) and its logits are compared
+with our model (masked, for a pruning run) on real sequences before success is reported; the
+numbers go into `export_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sheared.config import config_from_dict, read_yaml
+from sheared.errors import UserError
+from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
+from sheared.pruning import L0Module, LagrangianConstraint
+from sheared.pruning.compaction import kept_structure, slice_state_dict
+from sheared.train.checkpoint import TRAINER_STATE, list_checkpoints, load_module_weights
+from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.loop import RUN_STATE_FILE, Trainable
+
+REPORT_FILE = "export_report.json"
+VERIFY_ATOL = 1e-4  # max |logit difference| (fp32) between the reloaded export and our model (SPEC §6)
+FAR_FROM_TARGET = 0.05  # warn when a mask type's expected sparsity is further than this from its target
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ExportVerificationError(RuntimeError):
+    """The reloaded export does not compute what the model it came from computes."""
+
+
+@dataclass
+class RunCheckpoint:
+    """A run directory, its config and the checkpoint to export."""
+
+    run_dir: Path
+    config: PruneConfig | TrainConfig
+    checkpoint: Path
+
+
+def resolve_run(path: str | Path) -> RunCheckpoint:
+    """A run directory (its newest checkpoint) or one checkpoint folder of a run."""
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file():
+        checkpoint, run_dir = p, p.parent.parent
+    elif (p / "config.yaml").is_file():
+        found = list_checkpoints(p)
+        if not found:
+            raise UserError(f"run {p} has no complete checkpoint yet; nothing to export")
+        checkpoint, run_dir = found[-1], p
+    else:
+        raise UserError(f"{p} is neither a run directory (config.yaml) nor a checkpoint ({TRAINER_STATE})")
+    data = read_yaml(run_dir / "config.yaml")
+    cls = PruneConfig if "pruning" in data else TrainConfig
+    return RunCheckpoint(run_dir, config_from_dict(cls, data), checkpoint)
+
+
+def check_output_dir(out: Path, force: bool, source: Path, run_dir: Path) -> None:
+    """Refuse an output that is, holds or lies in the source, or is or holds the run; refuse a
+    non-empty output unless `force`, and even then anything but a previous export."""
+    resolved = out.resolve()
+    for p in (source.resolve(), run_dir.resolve()):
+        if resolved == p or p.is_relative_to(resolved):
+            raise UserError(f"--out {out} would overwrite {p}; choose a new folder")
+    if source.is_dir() and resolved.is_relative_to(source.resolve()):
+        raise UserError(f"--out {out} lies inside the source {source}; the source is never written")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise UserError(
+                f"--out {out} is not empty; choose a new folder or pass --force to replace a previous export"
+            )
+        if not (out / REPORT_FILE).is_file():
+            raise UserError(
+                f"--out {out} is not empty and holds no previous export ({REPORT_FILE}); --force replaces only an export"
+            )
+
+
+def _verification_ids(cfg: PruneConfig | TrainConfig, tokenizer: Any, num_sequences: int) -> torch.Tensor:
+    """Real token sequences: held-out sequences of the run's data, else public-domain paragraphs."""
+    from sheared.data.tokens import PreparedData
+
+    try:
+        data = PreparedData.open(cfg.data.path, verify="size")
+        rows = [data.sequences(d, "eval", [0]) for d in data.domains][:num_sequences]
+        return torch.cat(rows)[:, : min(data.seq_len, 256)]
+    except UserError:
+        from sheared.eval.texts import REAL_TEXTS
+
+        return tokenizer(list(REAL_TEXTS), return_tensors="pt", truncation=True, max_length=64).input_ids
+
+
+@torch.no_grad()
+def verify_export(
+    out: Path, reference: CausalLM, masks: Masks | None, ids: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """Reload `out` with transformers (strict) and return max |logits - our logits| on `ids` (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if problems:
+        raise ExportVerificationError(f"strict reload of {out} failed: {problems}")
+    ours = reference
+    if dtype != torch.float32:  # compare against the same rounded weights, computed in fp32
+        ours = CausalLM(reference.args)
+        ours.load_state_dict({k: v.to(dtype).float() for k, v in reference.state_dict().items()})
+    expected = ours.eval()(ids, masks) if masks is not None else ours.eval()(ids)
+    return (reloaded.eval()(ids).logits - expected).abs().max().item()
+
+
+def export_model(
+    model: CausalLM,
+    masks: Masks | None,
+    out: Path,
+    *,
+    source: Source,
+    ids: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    extra_files: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compact (when `masks` are given), save as a HF directory, verify; returns the report.
+
+    Args:
+        model: our model (fp32) holding the weights to export.
+        masks: exact-target binary masks, or None to export `model` as it is.
+        out: output directory (created; must be checked by the caller).
+        source: the source (tokenizer and base config of the family).
+        ids: real token ids (B, T) for the verification.
+        dtype: dtype of the saved weights.
+        extra_files: name -> JSON data written next to the weights.
+    """
+    model = model.float().eval()
+    if masks is not None:
+        kept = kept_structure(model.args, masks)
+        target_args = model.args.replace(
+            num_hidden_layers=len(kept.layers),
+            hidden_size=len(kept.hidden),
+            num_attention_heads=len(kept.layers[0].query_heads),
+            num_key_value_heads=len(kept.layers[0].kv_heads),
+            intermediate_size=len(kept.layers[0].intermediate),
+        )
+        small = CausalLM(target_args)
+        small.load_state_dict(slice_state_dict(model.state_dict(), model.args, kept), strict=True)
+    else:
+        small = model
+    save_hf(small, out, tokenizer=source.tokenizer, base_config=source.hf_config, dtype=dtype)
+    for name, content in (extra_files or {}).items():
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")
+    diff = verify_export(out, model, masks, ids, dtype)
+    exported = json.loads((out / "config.json").read_text())
+    report = {
+        "max_abs_logit_diff": diff,
+        "verified": diff <= VERIFY_ATOL,
+        "tolerance": VERIFY_ATOL,
+        "verification_tokens": list(ids.shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "source_shape": _shape(model.args),
+        "exported_shape": {k: exported[k] for k in _SHAPE_FIELDS},
+        "source_num_params": parameter_counts(model.args)["num_params"],
+        "exported_num_params": small.num_params(),
+    }
+    if diff > VERIFY_ATOL:
+        (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        raise ExportVerificationError(
+            f"the reloaded export differs from the model by {diff:.3g} > {VERIFY_ATOL} in logits; see {out / REPORT_FILE}"
+        )
+    return report
+
+
+_SHAPE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def _shape(args) -> dict[str, Any]:
+    return {"model_type": args.family, **{k: getattr(args, k) for k in _SHAPE_FIELDS[1:]}}
+
+
+def export_run(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    dtype: str = "float32",
+    num_sequences: int = 4,
+) -> dict[str, Any]:
+    """Export a pruning or continued-pretraining run (or one checkpoint of it) to `out_dir`."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    run = resolve_run(path)
+    cfg = run.config
+    pruning = isinstance(cfg, PruneConfig)
+    source_spec = cfg.source if pruning else cfg.model
+    out = Path(out_dir)
+    source = load_source(source_spec)
+    check_output_dir(out, force, source.path, run.run_dir)
+
+    model = source.model
+    l0 = lagrangian = None
+    if pruning:
+        l0 = L0Module(model.args, cfg.pruning.target)
+        lagrangian = LagrangianConstraint(l0.specs)
+    trainer_state = load_module_weights(run.checkpoint, Trainable(model, l0, lagrangian))
+
+    masks, gap = None, {}
+    if l0 is not None:
+        masks = l0.deterministic("target")
+        with torch.no_grad():
+            gap = {
+                n: float(s.mean()) - l0.specs[n].target_sparsity for n, s in l0.expected_sparsity().items()
+            }
+        far = {n: g for n, g in gap.items() if abs(g) > FAR_FROM_TARGET}
+        if far:
+            listed = ", ".join(f"{n} {g:+.3f}" for n, g in far.items())
+            print(
+                f"warning: the masks are still far from the target (expected minus target sparsity: {listed}); "
+                "the export keeps the exact target counts, but the model was not trained at that size",
+                file=sys.stderr,
+            )
+
+    if out.exists() and force:
+        shutil.rmtree(out)
+    run_state = {
+        "domain_weights": dict(zip(trainer_state["domains"], trainer_state["sampler"]["weights"])),
+        "reference_losses": trainer_state["reference_losses"],
+        "source": str(source.path),
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "step": trainer_state["step"],
+        "tokens": trainer_state["tokens"],
+    }
+    ids = _verification_ids(cfg, source.tokenizer, num_sequences)
+    report = export_model(
+        model,
+        masks,
+        out,
+        source=source,
+        ids=ids,
+        dtype=DTYPES[dtype],
+        extra_files={RUN_STATE_FILE: run_state},
+    )
+    report.update(
+        {
+            "run_dir": str(run.run_dir),
+            "checkpoint": str(run.checkpoint),
+            "step": trainer_state["step"],
+            "tokens_trained": trainer_state["tokens"],
+            "source": str(source.path),
+            "expected_minus_target_sparsity": gap,
+        }
+    )
+    if l0 is not None:
+        binary = {n: getattr(masks, n) for n in masks.names()}
+        from sheared.pruning.params import expected_num_params
+
+        report["masks_num_params"] = round(expected_num_params(model.args, binary).item())
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(report, cfg, pruning, str(path), str(out_dir)))
+    return report
+
+
+def model_card(report: dict[str, Any], cfg, pruning: bool, run_path: str, out_dir: str) -> str:
+    """A short model card: what the model is, its shape and parameters, how it was made."""
+    shape = report["exported_shape"]
+    src = report["source_shape"]
+    made = "pruning with learned structured masks (Sheared LLaMA)" if pruning else "continued pretraining"
+    lines = [
+        f"# {Path(out_dir).name}",
+        "",
+        f"A `{shape['model_type']}` model made with `sheared` by {made}. It loads with "
+        "`AutoModelForCausalLM.from_pretrained` and needs no custom code.",
+        "",
+        "| | source | this model |",
+        "|---|---|---|",
+    ]
+    for key in _SHAPE_FIELDS[1:]:
+        lines.append(f"| {key} | {src[key]} | {shape[key]} |")
+    lines += [
+        f"| parameters | {report['source_num_params']:,} | {report['exported_num_params']:,} |",
+        "",
+        f"- Source: `{report['source']}`",
+        f"- Data: `{cfg.data.path}`, {report['tokens_trained']:,} tokens over {report['step']:,} steps",
+        f"- Verified: reloaded with transformers, max |logit difference| {report['max_abs_logit_diff']:.2e} "
+        f"(tolerance {report['tolerance']:g}) on {report['verification_tokens'][0]} real sequences",
+        "",
+        "Made by:",
+        "",
+        "```bash",
+        f"sheared {'prune' if pruning else 'train'} --config CONFIG --run-dir {report['run_dir']}"
+        f"   # resolved config: {report['run_dir']}/config.yaml",
+        f"sheared export {run_path} --out {out_dir}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
