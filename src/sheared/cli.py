@@ -163,12 +163,60 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from sheared.eval.evaluate import evaluate, format_results, write_results
+    from sheared.eval.throughput import ThroughputSettings
+
+    if ns.out:
+        _check_new_file(ns.out, ns.force)
+    settings = None
+    if ns.throughput:
+        settings = ThroughputSettings(
+            batch_size=ns.tp_batch_size,
+            seq_len=ns.tp_seq_len,
+            new_tokens=ns.tp_new_tokens,
+            rounds=ns.tp_rounds,
+            dtype=ns.tp_dtype,
+        )
+    tasks = [t for item in ns.tasks or [] for t in item.split(",") if t]
+    results = evaluate(
+        ns.models,
+        data_dir=ns.data,
+        tasks=tasks,
+        include_path=ns.include_path,
+        limit=ns.limit,
+        num_fewshot=ns.num_fewshot,
+        throughput=settings,
+        batch_size=ns.batch_size,
+        max_eval_sequences=ns.max_eval_sequences,
+    )
+    print(format_results(results))
+    if ns.out:
+        write_results(results, ns.out)
+        print(f"\nwrote {ns.out}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from sheared.eval.report import write_report
+
+    out = write_report(ns.run_dir, ns.out)
+    print(f"report: {out} (plots beside it)")
+    return 0
+
+
+def _check_new_file(path: str, force: bool) -> None:
+    from pathlib import Path
+
+    if Path(path).exists() and not force:
+        raise UserError(f"{path} already exists; choose another --out or pass --force to replace it")
+
+
 def _write_json_new(path: str, data: dict, force: bool) -> None:
     from pathlib import Path
 
+    _check_new_file(path, force)
     p = Path(path)
-    if p.exists() and not force:
-        raise UserError(f"{p} already exists; choose another --out or pass --force to replace it")
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -233,6 +281,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a previous export in --out")
     p.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 or bfloat16")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="per-domain perplexity, lm-eval tasks and throughput of models")
+    p.add_argument("models", nargs="+", help="models: HF directories, .gguf files or smollm2-135m")
+    p.add_argument(
+        "--data", default=None, help="prepared data: per-domain loss and perplexity on its eval split"
+    )
+    p.add_argument(
+        "--tasks", action="append", help="lm-eval task names, comma-separated (needs the eval extra)"
+    )
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (local data)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument(
+        "--max-eval-sequences", type=int, default=None, help="per-domain: at most this many per domain"
+    )
+    p.add_argument(
+        "--throughput", action="store_true", help="measure forward and generation tokens/s, in turns"
+    )
+    p.add_argument("--tp-batch-size", type=int, default=4, help="throughput: batch size")
+    p.add_argument("--tp-seq-len", type=int, default=256, help="throughput: forward sequence length")
+    p.add_argument("--tp-new-tokens", type=int, default=32, help="throughput: generated tokens")
+    p.add_argument("--tp-rounds", type=int, default=3, help="throughput: measured rounds")
+    p.add_argument("--tp-dtype", default="float32", help="throughput: float32 or bfloat16")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="plots and a summary of a prune or train run")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")

@@ -1,0 +1,152 @@
+"""`sheared eval`: per-domain loss and perplexity, lm-eval tasks, and throughput of one or more models."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sheared.errors import UserError
+from sheared.eval.domain_loss import domain_losses
+from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
+from sheared.model import load_source
+
+
+def model_names(specs: Sequence[str]) -> dict[str, str]:
+    """Short unique display names for model specs (folder or file names)."""
+    names: dict[str, str] = {}
+    for spec in specs:
+        base = Path(spec).name or str(spec)
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names[name] = spec
+    return names
+
+
+def per_domain(
+    spec: str, data_dir: str, batch_size: int, max_sequences: int | None
+) -> dict[str, dict[str, float]]:
+    """domain -> {"loss", "perplexity"} of one model on the eval split of prepared data."""
+    from sheared.data.tokens import PreparedData
+
+    source = load_source(spec)
+    data = PreparedData.open(data_dir)
+    data.check_tokenizer(source.tokenizer)
+    losses = domain_losses(source.model.eval(), data, batch_size=batch_size, max_sequences=max_sequences)
+    return {d: {"loss": v, "perplexity": math.exp(v)} for d, v in losses.items()}
+
+
+def _hf_dir_for(spec: str, tmp: Path) -> Path:
+    """A Hugging Face directory of the model (GGUF and embedded sources are written to `tmp`)."""
+    from sheared.model import save_hf
+    from sheared.model.loading import resolve_source
+
+    kind, path = resolve_source(spec)
+    if kind == "hf":
+        return path
+    source = load_source(spec)
+    return save_hf(
+        source.model, tmp / Path(spec).name, tokenizer=source.tokenizer, base_config=source.hf_config
+    )
+
+
+def evaluate(
+    specs: Sequence[str],
+    *,
+    data_dir: str | None = None,
+    tasks: Sequence[str] = (),
+    include_path: str | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    throughput: ThroughputSettings | None = None,
+    batch_size: int = 8,
+    max_eval_sequences: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model the same way; returns {"models": {name: spec}, "domains": ..., "tasks": ..., "throughput": ...}."""
+    if not specs:
+        raise UserError("give at least one model to evaluate")
+    if data_dir is None and not tasks and throughput is None:
+        raise UserError("nothing to evaluate: give --data DIR, --tasks NAMES and/or --throughput")
+    names = model_names(specs)
+    results: dict[str, Any] = {"models": names}
+    if data_dir is not None:
+        results["domains"] = {
+            n: per_domain(s, data_dir, batch_size, max_eval_sequences) for n, s in names.items()
+        }
+    if tasks:
+        from sheared.eval.harness import run_lm_eval
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["tasks"] = {
+                n: run_lm_eval(
+                    _hf_dir_for(s, Path(tmp)),
+                    tasks,
+                    include_path=include_path,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    batch_size=batch_size,
+                )
+                for n, s in names.items()
+            }
+    if throughput is not None:
+        dtype = torch.bfloat16 if throughput.dtype == "bfloat16" else torch.float32
+        models = {n: load_hf_model(s, dtype) for n, s in names.items()}
+        vocab = min(m.config.vocab_size for m in models.values())
+        results["throughput"] = {
+            "settings": vars(throughput),
+            "results": measure_throughput(models, throughput, vocab),
+        }
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Readable tables of `evaluate`'s results."""
+    names = list(results["models"])
+    lines = []
+    if "domains" in results:
+        domains = list(next(iter(results["domains"].values())))
+        lines.append("per-domain perplexity (eval split)")
+        lines.append(f"{'domain':<14}" + "".join(f"{n[:18]:>20}" for n in names))
+        for d in domains:
+            lines.append(
+                f"{d:<14}" + "".join(f"{results['domains'][n][d]['perplexity']:>20.2f}" for n in names)
+            )
+        mean = {
+            n: math.exp(sum(v["loss"] for v in results["domains"][n].values()) / len(domains)) for n in names
+        }
+        lines.append(f"{'(mean loss)':<14}" + "".join(f"{mean[n]:>20.2f}" for n in names))
+    if "tasks" in results:
+        from sheared.eval.harness import format_table
+
+        for n in names:
+            lines += ["", f"lm-eval: {n}", format_table(results["tasks"][n])]
+    if "throughput" in results:
+        tp = results["throughput"]["results"]
+        s = results["throughput"]["settings"]
+        first = names[0]
+        lines += [
+            "",
+            f"throughput ({s['dtype']}, batch {s['batch_size']}; forward {s['seq_len']} tokens; "
+            f"generate {s['new_tokens']} after {s['prompt_len']}; median of {s['rounds']} rounds in turns)",
+            f"{'model':<20}{'forward tok/s':>15}{'generate tok/s':>16}{'fwd vs ' + first[:10]:>20}{'gen vs ' + first[:10]:>20}",
+        ]
+        for n in names:
+            f, g = tp[n]["forward_tokens_per_s"], tp[n]["generate_tokens_per_s"]
+            lines.append(
+                f"{n[:19]:<20}{f:>15.0f}{g:>16.1f}{f / tp[first]['forward_tokens_per_s']:>19.2f}x"
+                f"{g / tp[first]['generate_tokens_per_s']:>19.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(results, indent=2) + "\n")
+    return p
