@@ -1,0 +1,133 @@
+"""Speed-up of the exported default-target model over its source, measured in turns in one run.
+
+    .venv/bin/python bench/export_speedup.py [--pruned DIR] [--dtype float32] [--rounds 5]
+
+Without --pruned, the default target of configs/smollm2-135m/prune.yaml is exported from
+SmolLM2-135M with random exact-target masks (speed does not depend on which structures are kept).
+Both models run as plain transformers models with the same settings: forward passes of
+batch x seq_len tokens and greedy generation of new tokens, alternating which goes first.
+The goal: speed-up >= 80% of the ratio of non-embedding FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from sheared.config import load_config
+from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
+from sheared.model import load_source
+from sheared.model.args import ModelArgs, parameter_counts
+from sheared.train.config import PruneConfig
+
+GOAL_FRACTION = 0.8
+
+
+def flops_per_token(args: ModelArgs, context: int) -> float:
+    """Non-embedding forward FLOPs per token: 2 x non-embedding weights (matrix multiplies), plus
+    attention scores and values at an average causal context of context / 2."""
+    weights = parameter_counts(args)["num_params_non_embedding"]
+    attention = 4 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * (context / 2)
+    return 2 * weights + attention
+
+
+def _args_of(model) -> ModelArgs:
+    from sheared.model.families import args_from_hf_config
+
+    return args_from_hf_config(model.config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="smollm2-135m")
+    parser.add_argument(
+        "--config", default="configs/smollm2-135m/prune.yaml", help="where the default target comes from"
+    )
+    parser.add_argument(
+        "--pruned", default=None, help="an exported model (default: export one with random masks)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    a = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned_dir = a.pruned
+        if pruned_dir is None:
+            from sheared.export import export_model
+            from sheared.pruning import L0Module
+
+            source = load_source(a.source)
+            target = load_config(PruneConfig, a.config).pruning.target
+            l0 = L0Module(source.args, target)
+            with torch.no_grad():
+                for p in l0.log_alpha.values():
+                    p.normal_(generator=torch.Generator().manual_seed(0))
+            ids = source.tokenizer(["It is a truth universally acknowledged."], return_tensors="pt").input_ids
+            pruned_dir = Path(tmp) / "pruned"
+            export_model(source.model, l0.deterministic("target"), pruned_dir, source=source, ids=ids)
+            del source
+        models = {"source": load_hf_model(a.source, dtype), "pruned": load_hf_model(pruned_dir, dtype)}
+        settings = ThroughputSettings(
+            batch_size=a.batch, seq_len=a.seq, new_tokens=a.new_tokens, rounds=a.rounds, dtype=a.dtype
+        )
+        results = measure_throughput(models, settings, vocab_size=models["source"].config.vocab_size)
+
+    src_args, pruned_args = _args_of(models["source"]), _args_of(models["pruned"])
+    flops_ratio = flops_per_token(src_args, a.seq) / flops_per_token(pruned_args, a.seq)
+    forward = results["pruned"]["forward_tokens_per_s"] / results["source"]["forward_tokens_per_s"]
+    generate = results["pruned"]["generate_tokens_per_s"] / results["source"]["generate_tokens_per_s"]
+    goal = GOAL_FRACTION * flops_ratio
+    print(
+        f"source {a.source}: {src_args.num_hidden_layers} layers / {src_args.hidden_size} / {src_args.num_attention_heads} heads "
+        f"({src_args.num_key_value_heads} KV) / {src_args.intermediate_size}"
+    )
+    print(
+        f"pruned: {pruned_args.num_hidden_layers} layers / {pruned_args.hidden_size} / {pruned_args.num_attention_heads} heads "
+        f"({pruned_args.num_key_value_heads} KV) / {pruned_args.intermediate_size}"
+    )
+    print(
+        f"{a.dtype}, {torch.get_num_threads()} threads, forward {a.batch} x {a.seq}, generate {a.new_tokens} new tokens "
+        f"x {a.batch}, median of {a.rounds} rounds in turns"
+    )
+    for name in ("source", "pruned"):
+        r = results[name]
+        print(
+            f"  {name:<7} forward {r['forward_tokens_per_s']:8.0f} tok/s   generate {r['generate_tokens_per_s']:7.1f} tok/s"
+        )
+    print(
+        f"non-embedding FLOPs per token, source / pruned: {flops_ratio:.2f}x (goal: speed-up >= {goal:.2f}x)"
+    )
+    print(
+        f"speed-up forward  {forward:.2f}x = {forward / flops_ratio:.0%} of the FLOPs ratio  {'meets' if forward >= goal else 'misses'} the goal"
+    )
+    print(
+        f"speed-up generate {generate:.2f}x = {generate / flops_ratio:.0%} of the FLOPs ratio  {'meets' if generate >= goal else 'misses'} the goal"
+    )
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "flops_ratio": flops_ratio,
+                    "forward_speedup": forward,
+                    "generate_speedup": generate,
+                    "settings": vars(settings),
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
