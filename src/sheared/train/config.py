@@ -237,3 +237,5 @@ class TrainConfig:
     """AdamW and schedule (continued pretraining warms up over 3% of the steps)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism."""
+    model_config: str | None = None
+    """A copy of the model's config.json, used by `--dry-run` when `model` does not exist yet."""

@@ -134,6 +134,17 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def assert_same_on_all_ranks(tensors: dict[str, torch.Tensor], env: DistEnv) -> None:
+    """Check (collectively) that every rank holds the same tensors, e.g. the final masks."""
+    if not env.distributed:
+        return
+    for name, t in tensors.items():
+        low, high = t.detach().clone(), t.detach().clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        assert torch.equal(low, high), f"the deterministic {name} mask differs between ranks"
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

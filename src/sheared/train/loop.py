@@ -42,6 +42,7 @@ from sheared.train.data_setup import ensure_prepared, ensure_source, read_refere
 from sheared.train.distributed import (
     DistEnv,
     all_reduce_sum,
+    assert_same_on_all_ranks,
     average_gradients,
     barrier,
     gradient_sync,
@@ -320,8 +321,11 @@ def _run(cfg, run_dir: Path, env: DistEnv, pruning: bool, resume: bool, progress
     metrics.close()
 
     final_weights = dict(zip(domains, sampler.weights))
-    if env.is_main and l0 is not None:
-        save_final_masks(run_dir, l0)
+    if l0 is not None:
+        final = l0.deterministic("target")
+        assert_same_on_all_ranks({n: getattr(final, n) for n in final.names()}, env)
+        if env.is_main:
+            save_final_masks(run_dir, l0)
     barrier(env)
     return RunResult(
         run_dir=run_dir,

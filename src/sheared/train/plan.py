@@ -6,6 +6,7 @@ device only to count parameters), so a plan for a 7B recipe prints on any machin
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,6 +53,31 @@ def _meta_counts(args: ModelArgs) -> tuple[int, int]:
     return model.num_params(), prunable
 
 
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+def pruning_overhead(args: ModelArgs, specs, micro_batch: int, seq_len: int | None, precision: str) -> str:
+    """What pruning adds to plain training: mask parameters with their optimizer state, and the
+    extra activations the masked forward keeps for the backward pass (estimate, per micro-batch)."""
+    num = sum(math.prod(s.shape) for s in specs)
+    text = f"pruning overhead: {num:,} log_alpha parameters ({num * 16 / 2**20:.1f} MiB with gradients and Adam states)"
+    if seq_len is None:
+        return text
+    names = {s.name for s in specs}
+    per_token = 0
+    if names & {"kv_group", "head"}:
+        per_token += args.num_attention_heads * args.head_dim  # scaled attention output
+    if "intermediate" in names:
+        per_token += args.intermediate_size  # scaled gated product
+    if names & {"layer", "hidden"}:
+        per_token += 2 * args.hidden_size  # scaled attention and MLP outputs
+    extra = args.num_hidden_layers * micro_batch * seq_len * per_token * BYTES[precision]
+    return text + (
+        f"; masked activations about {extra / 2**30:.2f} GiB more per micro-batch of {micro_batch} x {seq_len} "
+        "(without activation checkpointing)"
+    )
+
+
 def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None]:
     from sheared.data.tokens import METADATA_FILE, read_metadata
 
@@ -82,8 +108,9 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
     pruning = isinstance(cfg, PruneConfig)
     loop = cfg.train
     spec = cfg.source if pruning else cfg.model
-    args, where = _source_args(spec, getattr(cfg, "source_config", None), getattr(cfg, "source_init", None))
-    lines = [f"{'prune' if pruning else 'train'} plan", f"source: {where}"]
+    fallback = cfg.source_config if pruning else cfg.model_config
+    args, where = _source_args(spec, fallback, getattr(cfg, "source_init", None))
+    lines = [f"{'prune' if pruning else 'train'} plan", f"{'source' if pruning else 'model'}: {where}"]
     if args is None:  # a source_init model: its vocabulary comes from the tokenizer
         init = cfg.source_init
         lines.append(
@@ -128,6 +155,12 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
             f"({loop.micro_batch_size}) × ranks ({world})"
         )
     accum = per_rank // loop.micro_batch_size
+    if pruning and args is not None:
+        lines.append(
+            pruning_overhead(
+                args, mask_specs(args, cfg.pruning.target), loop.micro_batch_size, seq_len, loop.precision
+            )
+        )
     if seq_len is not None:
         per_step = loop.global_batch_size * seq_len
         lines.append(

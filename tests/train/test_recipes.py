@@ -1,0 +1,55 @@
+"""Every config in configs/ loads, starts with the command that runs it, and dry-runs here."""
+
+from pathlib import Path
+
+import pytest
+
+from sheared.cli import main
+
+RUN_CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if p.name != "scaling-law-losses.yaml")
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=str)
+def test_config_starts_with_its_command_and_dry_runs(path, tmp_path, capsys):
+    first = path.read_text().splitlines()[0]
+    command = "train" if path.name.startswith(("train", "continue")) else "prune"
+    assert first.startswith(f"# sheared {command} --config {path} "), first
+    assert main([command, "--config", str(path), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert f"{command} plan" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_llama2_7b_recipe_plan_numbers(capsys, tmp_path):
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                "configs/llama2-7b/prune-1.3b.yaml",
+                "--run-dir",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "6,476,005,376 prunable (attention + MLP)" in out
+    assert "target: 24 layers / hidden 2048 / 16 heads / 16 KV heads / intermediate 5504" in out
+    assert "parameters: 1,345,423,360 total" in out
+    assert "tokens: 131,072 per step (32 sequences × 4096), 419,430,400 in 3,200 steps" in out
+
+
+def test_bad_target_is_one_line(capsys, tmp_path):
+    argv = [
+        "prune",
+        "--config",
+        "configs/llama2-7b/prune-1.3b.yaml",
+        "--run-dir",
+        str(tmp_path),
+        "--dry-run",
+        "pruning.target.num_attention_heads=48",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "num_attention_heads=48 exceeds the source's 32" in err and err.count("\n") == 1
