@@ -45,6 +45,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_vs_hf.py
+	$(PY) bench/export_speedup.py
 
 clean-venv:
 	rm -rf $(VENV)

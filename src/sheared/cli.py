@@ -12,17 +12,11 @@ from collections.abc import Sequence
 
 from sheared.errors import UserError
 
-INFO_FIELDS = (
-    "family",
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "vocab_size",
-    "tie_word_embeddings",
-)
+
+def _info_fields() -> tuple[str, ...]:
+    from sheared.model.args import SHAPE_FIELDS
+
+    return ("family", *SHAPE_FIELDS)
 
 
 def source_info(spec: str) -> dict:
@@ -30,7 +24,7 @@ def source_info(spec: str) -> dict:
     from sheared.model import parameter_counts, read_source_config
 
     args, _, path = read_source_config(spec)
-    info = {name: getattr(args, name) for name in INFO_FIELDS}
+    info = {name: getattr(args, name) for name in _info_fields()}
     info.update(parameter_counts(args))
     info["source"] = str(path)
     return info

@@ -22,6 +22,7 @@ import torch
 from sheared.config import config_from_dict, read_yaml
 from sheared.errors import UserError
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
+from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.train.checkpoint import TRAINER_STATE, list_checkpoints, load_module_weights
@@ -178,17 +179,7 @@ def export_model(
     return report
 
 
-_SHAPE_FIELDS = (
-    "model_type",
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "vocab_size",
-    "tie_word_embeddings",
-)
+_SHAPE_FIELDS = ("model_type", *SHAPE_FIELDS)
 
 
 def _shape(args) -> dict[str, Any]:

@@ -8,8 +8,19 @@ from typing import Any
 
 from sheared.errors import UserError
 
-# RoPE variants our decoder computes (see `rope.inv_frequencies`).
+# RoPE variants our decoder computes (see `decoder.inv_frequencies`).
 ROPE_TYPES = ("default", "linear", "llama3")
+# The fields that describe a model's shape, in the order tables show them.
+SHAPE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 
 
 @dataclass(frozen=True)
