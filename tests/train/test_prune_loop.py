@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -59,6 +60,8 @@ def test_tiny_run_reaches_every_target(tiny_config, tmp_path):
         and summary["hidden_size"] == target.hidden_size
     )
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_000100", "step_000200"]
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 class Crash(RuntimeError):
