@@ -129,14 +129,14 @@ def format_results(results: dict[str, Any]) -> str:
     if "throughput" in results:
         tp = results["throughput"]["results"]
         s = results["throughput"]["settings"]
-        first = names[0]
+        first = next(iter(tp))
         lines += [
             "",
             f"throughput ({s['dtype']}, batch {s['batch_size']}; forward {s['seq_len']} tokens; "
             f"generate {s['new_tokens']} after {s['prompt_len']}; median of {s['rounds']} rounds in turns)",
             f"{'model':<20}{'forward tok/s':>15}{'generate tok/s':>16}{'fwd vs ' + first[:10]:>20}{'gen vs ' + first[:10]:>20}",
         ]
-        for n in names:
+        for n in tp:
             f, g = tp[n]["forward_tokens_per_s"], tp[n]["generate_tokens_per_s"]
             lines.append(
                 f"{n[:19]:<20}{f:>15.0f}{g:>16.1f}{f / tp[first]['forward_tokens_per_s']:>19.2f}x"

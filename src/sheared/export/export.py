@@ -30,7 +30,7 @@ from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.loop import RUN_STATE_FILE, Trainable
 
 REPORT_FILE = "export_report.json"
-VERIFY_ATOL = 1e-4  # max |logit difference| (fp32) between the reloaded export and our model (SPEC §6)
+VERIFY_ATOL = 1e-4  # max |logit difference| between the reloaded export and our model (SPEC §6); float64
 FAR_FROM_TARGET = 0.05  # warn when a mask type's expected sparsity is further than this from its target
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -101,22 +101,26 @@ def _verification_ids(cfg: PruneConfig | TrainConfig, tokenizer: Any, num_sequen
 
 @torch.no_grad()
 def verify_export(
-    out: Path, reference: CausalLM, masks: Masks | None, ids: torch.Tensor, dtype: torch.dtype
+    out: Path, model: CausalLM, masks: Masks | None, ids: torch.Tensor, dtype: torch.dtype
 ) -> float:
-    """Reload `out` with transformers (strict) and return max |logits - our logits| on `ids` (fp32)."""
+    """Reload `out` with transformers (strict) and return max |its logits - our logits| on `ids`.
+
+    Both run in float64 (our model is converted in place, after the weights are rounded to the
+    saved `dtype`), so the difference measures the export itself rather than float32 rounding,
+    which differs between a masked and a physically smaller model (other summation lengths).
+    """
     from transformers import AutoModelForCausalLM
 
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, output_loading_info=True)
     problems = {
         k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
     }
     if problems:
         raise ExportVerificationError(f"strict reload of {out} failed: {problems}")
-    ours = reference
-    if dtype != torch.float32:  # compare against the same rounded weights, computed in fp32
-        ours = CausalLM(reference.args)
-        ours.load_state_dict({k: v.to(dtype).float() for k, v in reference.state_dict().items()})
-    expected = ours.eval()(ids, masks) if masks is not None else ours.eval()(ids)
+    for p in model.parameters():
+        p.copy_(p.to(dtype).to(p.dtype))  # the weights exactly as saved
+    model.double().eval()
+    expected = model(ids, masks.to(torch.float64)) if masks is not None else model(ids)
     return (reloaded.eval()(ids).logits - expected).abs().max().item()
 
 
@@ -133,7 +137,7 @@ def export_model(
     """Compact (when `masks` are given), save as a HF directory, verify; returns the report.
 
     Args:
-        model: our model (fp32) holding the weights to export.
+        model: our model holding the weights to export (converted to float64 in place by the verification).
         masks: exact-target binary masks, or None to export `model` as it is.
         out: output directory (created; must be checked by the caller).
         source: the source (tokenizer and base config of the family).
@@ -166,6 +170,7 @@ def export_model(
         "tolerance": VERIFY_ATOL,
         "verification_tokens": list(ids.shape),
         "dtype": str(dtype).removeprefix("torch."),
+        "verification_dtype": "float64",
         "source_shape": _shape(model.args),
         "exported_shape": {k: exported[k] for k in _SHAPE_FIELDS},
         "source_num_params": parameter_counts(model.args)["num_params"],

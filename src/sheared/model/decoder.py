@@ -23,27 +23,33 @@ INIT_STD = 0.02  # normal init of random models, as Hugging Face's `initializer_
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, hidden: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    hidden: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm in float32, optionally masked.
 
     With a hidden mask, the mean of squares runs over the dimensions whose mask is nonzero only
     (the others are zero in the residual stream anyway), so a masked model computes what the
-    physically smaller model computes; the output is then multiplied by the mask.
+    physically smaller model computes; the output is then multiplied by the mask. The kept
+    dimensions are gathered first, so the reduction is the very one the smaller model runs.
 
     Args:
         x: (..., d) activations.
         weight: (d,) norm weight.
         eps: added to the mean of squares.
         hidden: (d,) hidden mask or None.
+        kept: (d_kept,) indices of the nonzero entries of `hidden` (computed when not given).
     """
     dtype = x.dtype
     x32 = x.float()
     if hidden is None:
         variance = x32.pow(2).mean(-1, keepdim=True)
     else:
-        kept = hidden != 0  # (d,)
-        variance = (x32.pow(2) * kept).sum(-1, keepdim=True) / kept.sum()
+        kept = torch.nonzero(hidden).squeeze(-1) if kept is None else kept
+        variance = x32.index_select(-1, kept).pow(2).mean(-1, keepdim=True)
     out = weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
     return out if hidden is None else out * hidden
 
@@ -56,8 +62,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, hidden)
+    def forward(
+        self, x: torch.Tensor, hidden: torch.Tensor | None = None, kept: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, hidden, kept)
 
 
 def inv_frequencies(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
@@ -191,9 +199,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: LayerMasks = NO_LAYER_MASKS
     ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x, masks.hidden), cos, sin, masks.head_scale)
+        h = self.self_attn(
+            self.input_layernorm(x, masks.hidden, masks.hidden_kept), cos, sin, masks.head_scale
+        )
         x = x + _scale(h, masks.layer, masks.hidden)
-        h = self.mlp(self.post_attention_layernorm(x, masks.hidden), masks.intermediate)
+        h = self.mlp(self.post_attention_layernorm(x, masks.hidden, masks.hidden_kept), masks.intermediate)
         return x + _scale(h, masks.layer, masks.hidden)
 
 
@@ -241,10 +251,11 @@ class CausalLM(nn.Module):
             return self.model.norm(x)
         masks = masks.to(x.dtype)
         x = _scale(x, masks.hidden)
+        kept = None if masks.hidden is None else torch.nonzero(masks.hidden).squeeze(-1)  # once per forward
         G, r = self.args.num_key_value_heads, self.args.heads_per_group
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, masks.for_layer(i, G, r))
-        return self.model.norm(x, masks.hidden)
+            x = layer(x, cos, sin, masks.for_layer(i, G, r, kept))
+        return self.model.norm(x, masks.hidden, kept)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = INIT_STD) -> None:

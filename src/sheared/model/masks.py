@@ -46,8 +46,17 @@ class Masks:
         """The same masks cast to `dtype` (the activations' dtype)."""
         return Masks(**{f.name: _cast(getattr(self, f.name), dtype) for f in fields(self)})
 
-    def for_layer(self, layer: int, num_key_value_heads: int, heads_per_group: int) -> LayerMasks:
-        """The per-layer slices, with the group and head masks folded into one per-query-head scale."""
+    def for_layer(
+        self,
+        layer: int,
+        num_key_value_heads: int,
+        heads_per_group: int,
+        hidden_kept: torch.Tensor | None = None,
+    ) -> LayerMasks:
+        """The per-layer slices, with the group and head masks folded into one per-query-head scale.
+
+        `hidden_kept` are the indices of the nonzero hidden-mask entries (for the masked RMSNorm).
+        """
         head_scale = None
         if self.kv_group is not None or self.head is not None:
             g = self.kv_group[layer][:, None] if self.kv_group is not None else 1.0  # (G, 1)
@@ -58,6 +67,7 @@ class Masks:
             head_scale=head_scale,
             intermediate=None if self.intermediate is None else self.intermediate[layer],
             hidden=self.hidden,
+            hidden_kept=hidden_kept,
         )
 
 
@@ -72,6 +82,8 @@ class LayerMasks(NamedTuple):
     """(I,) scale of every MLP channel."""
     hidden: torch.Tensor | None
     """(d,) scale of every residual-stream dimension."""
+    hidden_kept: torch.Tensor | None = None
+    """(d_kept,) indices of the nonzero entries of `hidden`."""
 
 
 NO_LAYER_MASKS = LayerMasks(None, None, None, None)
