@@ -64,3 +64,23 @@ def ours_from_hf(hf_model) -> CausalLM:
 
 def token_batch(batch: int = 2, seq: int = 24, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Tiny sources: 2 layers, hidden 48, intermediate 80, head_dim 12. Targets (L, d, H, G, I).
+PRUNE_CASES = {
+    # MHA: the KV-group mask is the per-head mask; layers, hidden, intermediate all pruned.
+    "llama-mha": (dict(family="llama", heads=6, kv_heads=6), (1, 40, 4, 4, 56)),
+    # GQA 2: whole KV groups dropped (3 -> 1), heads per group kept; layers and intermediate as the source.
+    "llama-gqa2-untied-drop-groups": (dict(family="llama", heads=6, kv_heads=3), (2, 48, 2, 1, 80)),
+    # GQA 3: heads within groups dropped (3 -> 1 per group), groups kept, hidden pruned.
+    "llama-gqa3-tied-drop-heads": (dict(family="llama", heads=6, kv_heads=2, tied=True), (2, 32, 2, 2, 80)),
+    # Both levels at once, with q/k/v biases following their heads.
+    "qwen2-bias-groups-and-heads": (dict(family="qwen2", heads=6, kv_heads=3, tied=True), (1, 36, 2, 1, 40)),
+    # Per-head q/k norms stay with the kept heads.
+    "qwen3-qknorm": (dict(family="qwen3", heads=6, kv_heads=2), (2, 44, 2, 1, 72)),
+    # Only the hidden size shrinks.
+    "mistral-hidden-only": (
+        dict(family="mistral", heads=6, kv_heads=2, sliding_window=None),
+        (2, 24, 6, 2, 80),
+    ),
+}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import PRUNE_CASES as CASES
 from helpers import ours_from_hf, tiny_hf_model, token_batch
 
 from sheared.cli import main
@@ -11,25 +12,6 @@ from sheared.export import export_model
 from sheared.model import Source
 from sheared.model.families import get_family
 from sheared.pruning import L0Module, TargetShape
-
-# Tiny sources: 2 layers, hidden 48, intermediate 80, head_dim 12. Targets (L, d, H, G, I).
-CASES = {
-    # MHA: the KV-group mask is the per-head mask; layers, hidden, intermediate all pruned.
-    "llama-mha": (dict(family="llama", heads=6, kv_heads=6), (1, 40, 4, 4, 56)),
-    # GQA 2: whole KV groups dropped (3 -> 1), heads per group kept; layers and intermediate as the source.
-    "llama-gqa2-untied-drop-groups": (dict(family="llama", heads=6, kv_heads=3), (2, 48, 2, 1, 80)),
-    # GQA 3: heads within groups dropped (3 -> 1 per group), groups kept, hidden pruned.
-    "llama-gqa3-tied-drop-heads": (dict(family="llama", heads=6, kv_heads=2, tied=True), (2, 32, 2, 2, 80)),
-    # Both levels at once, with q/k/v biases following their heads.
-    "qwen2-bias-groups-and-heads": (dict(family="qwen2", heads=6, kv_heads=3, tied=True), (1, 36, 2, 1, 40)),
-    # Per-head q/k norms stay with the kept heads.
-    "qwen3-qknorm": (dict(family="qwen3", heads=6, kv_heads=2), (2, 44, 2, 1, 72)),
-    # Only the hidden size shrinks.
-    "mistral-hidden-only": (
-        dict(family="mistral", heads=6, kv_heads=2, sliding_window=None),
-        (2, 24, 6, 2, 80),
-    ),
-}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

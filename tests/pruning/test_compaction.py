@@ -2,26 +2,13 @@
 
 import pytest
 import torch
+from helpers import PRUNE_CASES as CASES
 from helpers import ours_from_hf, tiny_hf_model, token_batch
 
 from sheared.model import CausalLM
 from sheared.pruning import L0Module, TargetShape
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.pruning.params import expected_num_params
-
-# Tiny sources have 2 layers, hidden 48, intermediate 80, head_dim 12; (L, d, H, G, I) targets.
-CASES = {
-    "llama-mha-all-dims": (dict(family="llama", heads=6, kv_heads=6), (1, 40, 4, 4, 56)),
-    "llama-gqa2-groups-and-heads": (dict(family="llama", heads=6, kv_heads=3), (2, 48, 2, 2, 80)),
-    "llama-gqa3-heads-in-groups": (dict(family="llama", heads=6, kv_heads=2), (2, 32, 4, 2, 64)),
-    "llama-gqa3-whole-groups": (dict(family="llama", heads=6, kv_heads=2, tied=True), (1, 48, 3, 1, 80)),
-    "qwen2-bias-tied": (dict(family="qwen2", heads=6, kv_heads=3, tied=True), (2, 36, 2, 1, 40)),
-    "qwen3-qknorm": (dict(family="qwen3", heads=6, kv_heads=2), (1, 44, 2, 1, 72)),
-    "mistral-hidden-only": (
-        dict(family="mistral", heads=6, kv_heads=2, sliding_window=None),
-        (2, 24, 6, 2, 80),
-    ),
-}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

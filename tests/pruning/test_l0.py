@@ -22,6 +22,17 @@ LLAMA2_7B = ModelArgs(
     num_key_value_heads=32,
     head_dim=128,
 )
+# 4 layers, hidden 64, 8 query heads in 2 KV groups (r = 4), intermediate 96.
+GQA_SOURCE = ModelArgs(
+    family="llama",
+    vocab_size=10,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def test_llama2_7b_prunable_parameters_on_meta_device():
@@ -42,16 +53,7 @@ def test_llama2_7b_prunable_parameters_on_meta_device():
 
 
 def test_mask_types_follow_the_target():
-    src = ModelArgs(
-        family="llama",
-        vocab_size=10,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    src = GQA_SOURCE
     names = lambda t: [s.name for s in mask_specs(src, TargetShape(*t))]  # noqa: E731
     assert names((3, 48, 2, 1, 64)) == ["layer", "kv_group", "head", "intermediate", "hidden"]
     assert names((4, 64, 8, 2, 96)) == []
@@ -82,16 +84,7 @@ def test_mask_types_follow_the_target():
     ],
 )
 def test_target_validation(target, message):
-    src = ModelArgs(
-        family="llama",
-        vocab_size=10,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    src = GQA_SOURCE
     with pytest.raises(UserError, match=message):
         mask_specs(src, TargetShape(*target))
 
@@ -143,16 +136,7 @@ def test_warmup_of_the_target():
 
 
 def test_deterministic_masks_exact_and_expected_counts():
-    src = ModelArgs(
-        family="llama",
-        vocab_size=10,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    src = GQA_SOURCE
     l0 = L0Module(src, TargetShape(3, 48, 2, 1, 64))
     with torch.no_grad():
         for p in l0.log_alpha.values():
