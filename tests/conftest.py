@@ -14,6 +14,18 @@ TINY_CONFIG = "configs/tiny/prune.yaml"
 
 
 @pytest.fixture(scope="session")
+def smollm2_tok():
+    """The real SmolLM2 tokenizer (byte-level BPE, 49152 ids, <|endoftext|> = 0, no BOS), loaded once."""
+    from sheared.errors import UserError
+    from sheared.model import load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2-135m")
+    except UserError as e:  # the demo extra is not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A random tiny source and its prepared tiny data, shared read-only by the tests."""
     root = tmp_path_factory.mktemp("tiny")

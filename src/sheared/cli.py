@@ -108,11 +108,10 @@ def cmd_reference_loss(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _run_command(ns: argparse.Namespace, config_cls_name: str) -> int:
+def _run_command(ns: argparse.Namespace, config_cls: type) -> int:
     from sheared.config import load_config
-    from sheared.train import config as train_config
 
-    cfg = load_config(getattr(train_config, config_cls_name), ns.config, ns.overrides)
+    cfg = load_config(config_cls, ns.config, ns.overrides)
     if ns.dry_run:
         from sheared.train.plan import plan
 
@@ -129,11 +128,15 @@ def _run_command(ns: argparse.Namespace, config_cls_name: str) -> int:
 
 
 def cmd_prune(ns: argparse.Namespace) -> int:
-    return _run_command(ns, "PruneConfig")
+    from sheared.train.config import PruneConfig
+
+    return _run_command(ns, PruneConfig)
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    return _run_command(ns, "TrainConfig")
+    from sheared.train.config import TrainConfig
+
+    return _run_command(ns, TrainConfig)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:

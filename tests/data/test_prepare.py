@@ -64,18 +64,6 @@ def words_tok():
     return word_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def smollm2_tok():
-    """The real SmolLM2 tokenizer (byte-level BPE, 49152 ids, <|endoftext|> = 0, no BOS)."""
-    from sheared.model.loading import _load_tokenizer, resolve_source
-
-    try:
-        _, path = resolve_source("smollm2-135m")
-    except UserError as e:
-        pytest.skip(str(e))
-    return _load_tokenizer(path.parent, gguf_file=path.name)
-
-
 def marked_documents(first: int, count: int, seed: int = 0) -> list[str]:
     """`count` documents `docK w.. w..` (K from `first`) of 3 to 20 words each."""
     rng = np.random.default_rng(seed)

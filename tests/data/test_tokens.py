@@ -36,17 +36,6 @@ def word_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="session")
-def smollm2_tok():
-    from sheared.model.loading import _load_tokenizer, resolve_source
-
-    try:
-        _, path = resolve_source("smollm2-135m")
-    except UserError as e:
-        pytest.skip(str(e))
-    return _load_tokenizer(path.parent, gguf_file=path.name)
-
-
 @pytest.fixture
 def prepared(tmp_path):
     """A prepared directory with domains `b` and `a` (in that order) from the word tokenizer."""

@@ -35,14 +35,11 @@ def _docs(task: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, smollm2_tok) -> Path:
     """A random 2-layer llama (hidden 32) with the SmolLM2 tokenizer, saved as a HF directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sheared.model.loading import _load_tokenizer, resolve_source
-
-    _, path = resolve_source("smollm2-135m")
-    tok = _load_tokenizer(path.parent, gguf_file=path.name)
+    tok = smollm2_tok
     config = AutoConfig.for_model(
         "llama",
         vocab_size=len(tok),

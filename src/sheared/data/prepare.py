@@ -480,19 +480,6 @@ def _prepare_domain(
 # --------------------------------------------------------------------------------------------------
 
 
-def _source_tokenizer(spec: str) -> Any:
-    """The tokenizer of a source model (its weights are not loaded)."""
-    from sheared.model.loading import _load_tokenizer, resolve_source
-
-    kind, path = resolve_source(spec)
-    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if kind == "gguf" else _load_tokenizer(path)
-    if tokenizer is None:
-        raise UserError(
-            f"source {spec!r} has no tokenizer files (tokenizer.json); give a source that has one"
-        )
-    return tokenizer
-
-
 def _header(
     cfg: PrepareConfig, fingerprint: dict[str, Any], convention: DocumentConvention
 ) -> dict[str, Any]:
@@ -598,7 +585,9 @@ def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = Tru
     for spec in cfg.domains.values():
         expand_paths(spec.paths)  # a missing input fails now, not after the first domains
     if tokenizer is None:
-        tokenizer = _source_tokenizer(cfg.source)
+        from sheared.model import load_tokenizer  # the source's tokenizer only, not its weights
+
+        tokenizer = load_tokenizer(cfg.source)
     fingerprint = tokenizer_fingerprint(tokenizer)
     convention = document_convention(tokenizer, cfg.document_end_token)
     header = _header(cfg, fingerprint, convention)

@@ -3,7 +3,14 @@
 from sheared.model.args import ModelArgs, parameter_counts
 from sheared.model.decoder import CausalLM
 from sheared.model.families import FAMILIES, Family, args_from_hf_config, hf_config_from_args
-from sheared.model.loading import DEFAULT_SOURCE, Source, load_source, read_source_config, save_hf
+from sheared.model.loading import (
+    DEFAULT_SOURCE,
+    Source,
+    load_source,
+    load_tokenizer,
+    read_source_config,
+    save_hf,
+)
 from sheared.model.masks import LayerMasks, Masks
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "args_from_hf_config",
     "hf_config_from_args",
     "load_source",
+    "load_tokenizer",
     "parameter_counts",
     "read_source_config",
     "save_hf",

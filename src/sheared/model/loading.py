@@ -187,6 +187,17 @@ def load_source(
     )
 
 
+def load_tokenizer(spec: str | Path):
+    """The tokenizer of a source (HF directory, .gguf file or embedded name), without its weights."""
+    kind, path = resolve_source(spec)
+    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if kind == "gguf" else _load_tokenizer(path)
+    if tokenizer is None:
+        raise UserError(
+            f"source {str(spec)!r} has no tokenizer files (tokenizer.json); give a source that has one"
+        )
+    return tokenizer
+
+
 def _load_tokenizer(path: Path, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 

@@ -15,20 +15,12 @@ from sheared.train.config import DataConfig, SourceInit
 
 def ensure_source(init: SourceInit, path: str) -> None:
     """Write a random-weight Hugging Face model (with the tokenizer of `init.tokenizer`) to `path` if missing."""
-    from sheared.model import CausalLM, ModelArgs, hf_config_from_args, save_hf
-    from sheared.model.loading import _load_tokenizer, resolve_source
+    from sheared.model import CausalLM, ModelArgs, hf_config_from_args, load_tokenizer, save_hf
 
     out = Path(path)
     if (out / "config.json").is_file():
         return
-    kind, tok_path = resolve_source(init.tokenizer)
-    tokenizer = (
-        _load_tokenizer(tok_path.parent, gguf_file=tok_path.name)
-        if kind == "gguf"
-        else _load_tokenizer(tok_path)
-    )
-    if tokenizer is None:
-        raise UserError(f"source_init.tokenizer {init.tokenizer!r} has no tokenizer")
+    tokenizer = load_tokenizer(init.tokenizer)
     args = ModelArgs(
         family=init.family,
         vocab_size=len(tokenizer),
