@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from sheared.config import load_config
+from sheared.data.prepare import ensure_prepared
+from sheared.model.random_source import ensure_source
 from sheared.train.config import PruneConfig
-from sheared.train.data_setup import ensure_prepared, ensure_source
 
 TINY_CONFIG = "configs/tiny/prune.yaml"
 
@@ -41,7 +42,7 @@ def tiny_assets(tmp_path_factory):
     ensure_source(cfg.source_init, cfg.source)
     from sheared.model import load_source
 
-    ensure_prepared(cfg.data, load_source(cfg.source).tokenizer, cfg.source)
+    ensure_prepared(cfg.data.path, cfg.data.auto_prepare, load_source(cfg.source).tokenizer, cfg.source)
     return root
 
 

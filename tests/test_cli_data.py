@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sheared.cli import main
-from sheared.data.tiny_corpus import build_tiny_corpus
+from sheared.data.corpus import build_tiny_corpus
 
 
 def _error(capsys) -> str:

@@ -117,6 +117,8 @@ def _run_command(ns: argparse.Namespace, config_cls: type) -> int:
 
         print(plan(cfg, ns.run_dir))
         return 0
+    if ns.run_dir is None:
+        raise UserError("--run-dir is required to run (only --dry-run works without it)")
     from sheared.train.loop import run
 
     result = run(cfg, ns.run_dir, resume=ns.resume)
@@ -147,11 +149,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
     except ExportVerificationError as e:
         print(f"sheared: export failed verification: {e}", file=sys.stderr)
         return 1
+    from sheared.model.args import describe
+
     shape = report["exported_shape"]
     print(
-        f"exported {shape['model_type']}: {shape['num_hidden_layers']} layers / hidden {shape['hidden_size']} / "
-        f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV heads / head_dim {shape['head_dim']} / "
-        f"intermediate {shape['intermediate_size']}; {report['exported_num_params']:,} parameters"
+        f"exported {shape['model_type']}: {describe(shape, detail=True)}; {report['exported_num_params']:,} parameters"
     )
     print(
         f"verified: strict reload with transformers, max |logit diff| {report['max_abs_logit_diff']:.2e} "
@@ -195,7 +197,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from sheared.eval.report import write_report
+    from sheared.report import write_report
 
     out = write_report(ns.run_dir, ns.out)
     print(f"report: {out} (plots beside it)")
@@ -264,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=what)
         p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-        p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and results go")
+        p.add_argument(
+            "--run-dir",
+            default=None,
+            help="where config, metrics, checkpoints and results go (not for --dry-run)",
+        )
         p.add_argument(
             "--resume", action="store_true", help="continue from the newest checkpoint in --run-dir"
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sheared.errors import UserError
+from sheared.files import atomic_write
 
 T = TypeVar("T")
 
@@ -215,15 +215,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (temporary file, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write(path, lambda f: yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False))
 
 
 def field_docs(cls: type) -> dict[str, str]:

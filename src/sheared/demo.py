@@ -26,6 +26,8 @@ from sheared.config import load_config, save_config
 from sheared.errors import UserError
 from sheared.eval.lm import greedy_generate
 from sheared.model import DEFAULT_SOURCE, load_source, parameter_counts
+from sheared.model.args import describe
+from sheared.train.run_files import CONFIG_FILE
 
 
 @dataclass
@@ -75,34 +77,26 @@ def _stage(title: str) -> float:
 
 def prepare_demo_data(cfg: DemoConfig, tokenizer) -> None:
     """Build the sample corpus and prepare it with the source's tokenizer (both cached)."""
-    from sheared.data.corpus import build_sample_corpus
-    from sheared.data.prepare import prepare_config_from_flags, prepare_data
+    from sheared.data.prepare import AutoPrepare, ensure_prepared
 
-    for r in build_sample_corpus(cfg.corpus_dir, progress=True):
-        state = "cached" if r.cached else f"built from {', '.join(r.sources[:3])}"
-        print(f"  {r.domain:<13} {r.documents:>7,} documents {r.characters / 1e6:6.1f} MB  {state}")
-        for line in r.skipped:
-            print(f"  {'':<13} skipped: {line}")
-    prepare_cfg = prepare_config_from_flags(
-        cfg.prepared_dir,
-        [],
-        cfg.corpus_dir,
-        source=cfg.source,
+    auto = AutoPrepare(
+        corpus="sample",
+        corpus_dir=cfg.corpus_dir,
         seq_len=cfg.seq_len,
         eval_sequences=cfg.eval_sequences,
         max_train_sequences=cfg.max_train_sequences,
         num_workers=1,
     )
-    prepare_data(prepare_cfg, tokenizer=tokenizer, progress=True)
+    ensure_prepared(cfg.prepared_dir, auto, tokenizer, cfg.source)
 
 
 def _run_stage(cfg, run_dir: Path) -> None:
     """Run (or finish) a prune/train run; a finished one (final checkpoint present) is kept."""
-    from sheared.train.checkpoint import list_checkpoints
+    from sheared.train.checkpoint import checkpoint_name, list_checkpoints
     from sheared.train.loop import run
 
     checkpoints = list_checkpoints(run_dir)
-    if checkpoints and checkpoints[-1].name == f"step_{cfg.train.steps:06d}":
+    if checkpoints and checkpoints[-1].name == checkpoint_name(cfg.train.steps):
         print(f"  done before: {run_dir}")
         return
     if not checkpoints and run_dir.exists():
@@ -111,17 +105,15 @@ def _run_stage(cfg, run_dir: Path) -> None:
 
 
 def _export_stage(run_dir: Path, out: Path) -> dict:
-    from sheared.export import export_run
+    from sheared.export import REPORT_FILE, export_run
 
-    report_file = out / "export_report.json"
+    report_file = out / REPORT_FILE
     if report_file.is_file() and json.loads(report_file.read_text()).get("verified"):
         print(f"  done before: {out}")
         return json.loads(report_file.read_text())
     report = export_run(run_dir, out, force=out.exists())
-    shape = report["exported_shape"]
     print(
-        f"  {out}: {shape['num_hidden_layers']} layers / {shape['hidden_size']} / {shape['num_attention_heads']} heads "
-        f"({shape['num_key_value_heads']} KV) / {shape['intermediate_size']}, {report['exported_num_params']:,} "
+        f"  {out}: {describe(report['exported_shape'])}, {report['exported_num_params']:,} "
         f"parameters; reloaded with transformers, max |logit diff| {report['max_abs_logit_diff']:.1e}"
     )
     return report
@@ -131,13 +123,13 @@ def run_demo(cfg: DemoConfig, run_dir: str | Path) -> dict:
     """Run the demo pipeline; print what happens; write `demo.json` and `config.yaml` into `run_dir`."""
     from sheared.data.tokens import PreparedData
     from sheared.eval.evaluate import evaluate, format_results
-    from sheared.eval.report import write_report
     from sheared.eval.throughput import ThroughputSettings
+    from sheared.report import write_report
     from sheared.train.config import PruneConfig, TrainConfig
 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / CONFIG_FILE)
     start = time.perf_counter()
 
     t0 = _stage("1. source")
@@ -145,11 +137,7 @@ def run_demo(cfg: DemoConfig, run_dir: str | Path) -> dict:
     args, tok = source.args, source.tokenizer
     counts = parameter_counts(args)
     print(f"  loaded {source.path.name} ({args.family}) in {time.perf_counter() - t0:.1f} s")
-    print(
-        f"  shape: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} query heads / "
-        f"{args.num_key_value_heads} KV heads of {args.head_dim}, intermediate {args.intermediate_size}, "
-        f"vocab {args.vocab_size}, {'tied' if args.tie_word_embeddings else 'untied'} embeddings"
-    )
+    print(f"  shape: {describe(args, detail=True)}")
     print(
         f"  parameters: {counts['num_params']:,} total, {counts['num_params_embedding']:,} embedding, "
         f"{counts['num_params_non_embedding']:,} non-embedding"

@@ -1,10 +1,13 @@
 """Dynamic batch loading: the weight update and the scaling-law reference losses (SPEC §5)."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 
 from sheared.data import fit_reference_losses, update_domain_weights
-from sheared.data.dbl import weights_by_domain, weights_proportional_to
+from sheared.data.dbl import read_reference_losses, weights_by_domain, weights_proportional_to
 from sheared.errors import UserError
 
 # SPEC §5: LLaMA2 7B / 13B / 70B losses per RedPajama domain, predicted at 1.3B.
@@ -120,3 +123,51 @@ def test_weights_by_domain():
     with pytest.raises(UserError, match=r"non-negative"):
         weights_by_domain({"a": 1.2, "b": -0.2}, ["a", "b"])
     assert weights_proportional_to([30, 10]) == [0.75, 0.25]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference losses as the user gives them (`data.reference_losses`).
+# ------------------------------------------------------------------------------------------------
+
+AB = ["a", "b"]
+
+
+def test_reference_losses_from_a_mapping_in_domain_order():
+    losses = read_reference_losses({"b": 2, "a": 1.5}, AB, {})
+    assert list(losses.items()) == [("a", 1.5), ("b", 2.0)]
+    assert all(type(value) is float for value in losses.values())
+
+
+def test_reference_losses_from_json_files(tmp_path):
+    written = tmp_path / "ref.json"  # as `sheared data reference-loss` writes it
+    written.write_text(json.dumps({"target_params": 5, "reference_losses": {"b": 3, "a": 1.25}}))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"a": 0.75, "b": 0.5}))
+    assert read_reference_losses(str(written), AB, {}) == {"a": 1.25, "b": 3.0}
+    assert read_reference_losses(str(plain), AB, {}) == {"a": 0.75, "b": 0.5}
+
+
+def test_reference_losses_source_reuses_the_pruning_run_or_asks_to_measure():
+    assert read_reference_losses("source", AB, {}) is None
+    assert read_reference_losses("source", AB, {"reference_losses": {"a": 1.0}}) is None  # lacks b
+    previous = {"reference_losses": {"c": 9.0, "b": 2, "a": 1}}
+    assert list(read_reference_losses("source", AB, previous).items()) == [("a", 1.0), ("b", 2.0)]
+
+
+def test_reference_losses_refusals(tmp_path):
+    def refused(spec, message):
+        with pytest.raises(UserError, match=re.escape(message)):
+            read_reference_losses(spec, AB, {})
+
+    refused(
+        {"a": 1, "b": 2, "c": 3},
+        "reference losses in data.reference_losses: unknown domain 'c'; the data has: a, b",
+    )
+    refused(
+        {"a": 1}, "reference losses in data.reference_losses: no value for domain 'b'; the data has: a, b"
+    )
+    missing = str(tmp_path / "nope.json")
+    refused(missing, f"data.reference_losses {missing!r} is neither 'source' nor an existing JSON file")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"reference_losses": {"a": 1, "x": 2}}))
+    refused(str(wrong), f"reference losses in {wrong}: unknown domain 'x'; the data has: a, b")

@@ -1,4 +1,4 @@
-"""Tokenize-and-pack: readers of every format, the document split, packing, resuming, refusals."""
+"""Tokenize-and-pack: readers of every format, the split, packing, resuming, refusals, auto-prepare."""
 
 import gzip
 import hashlib
@@ -10,12 +10,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import sheared.data.prepare as prepare_module
+import sheared.data.encode as encode_module
+from sheared.data.corpus import TINY_DOMAINS
+from sheared.data.encode import document_convention, encode_documents
 from sheared.data.prepare import (
+    AutoPrepare,
     DomainInput,
     PrepareConfig,
-    document_convention,
-    encode_documents,
+    ensure_prepared,
     prepare_config_from_flags,
     prepare_data,
 )
@@ -362,7 +364,7 @@ def test_metadata_is_complete_and_matches_the_files(tmp_path, words_tok):
 
 
 def test_one_and_two_workers_write_identical_files(tmp_path, smollm2_tok, monkeypatch):
-    monkeypatch.setattr(prepare_module, "CHUNK_DOCUMENTS", 3)  # many chunks, so their order matters
+    monkeypatch.setattr(encode_module, "CHUNK_DOCUMENTS", 3)  # many chunks, so their order matters
     rng = np.random.default_rng(1)
     texts = [
         f"Doc {k} " + " ".join(rng.choice(["one", "two", "three", "four!"], int(rng.integers(5, 80))))
@@ -409,7 +411,7 @@ def test_crash_in_second_domain_keeps_the_first_and_resumes(tmp_path, words_tok,
     write_jsonl(tmp_path / "a.jsonl", marked_documents(0, 50))
     write_jsonl(tmp_path / "b.jsonl", marked_documents(50, 50))
     cfg = config(tmp_path, {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"})
-    real_encode = prepare_module.encode_documents
+    real_encode = encode_module.encode_documents
     chunks_of_b = []
 
     def crash_in_b(tokenizer, texts, convention):
@@ -419,8 +421,8 @@ def test_crash_in_second_domain_keeps_the_first_and_resumes(tmp_path, words_tok,
                 raise RuntimeError("simulated crash")
         return real_encode(tokenizer, texts, convention)
 
-    monkeypatch.setattr(prepare_module, "CHUNK_DOCUMENTS", 8)
-    monkeypatch.setattr(prepare_module, "encode_documents", crash_in_b)
+    monkeypatch.setattr(encode_module, "CHUNK_DOCUMENTS", 8)
+    monkeypatch.setattr(encode_module, "encode_documents", crash_in_b)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_data(cfg, words_tok, progress=False)
     out = tmp_path / "out"
@@ -435,7 +437,7 @@ def test_crash_in_second_domain_keeps_the_first_and_resumes(tmp_path, words_tok,
     PreparedData.open(out)  # sizes and checksums of domain a hold
     a_files = file_state(out)
 
-    monkeypatch.setattr(prepare_module, "encode_documents", real_encode)
+    monkeypatch.setattr(encode_module, "encode_documents", real_encode)
     capsys.readouterr()
     resumed = prepare_data(cfg, words_tok, progress=False)
     assert list(resumed["domains"]) == ["a", "b"] and resumed["domains"]["a"] == metadata["domains"]["a"]
@@ -547,3 +549,55 @@ def test_prepare_loads_the_source_tokenizer_when_none_is_given(tmp_path, smollm2
     cfg = config(tmp_path, {"a": tmp_path / "a.jsonl"}, seq_len=32, eval_sequences=2, source="smollm2-135m")
     metadata = prepare_data(cfg, progress=False)
     assert metadata["tokenizer"]["sha256"] == tokenizer_fingerprint(smollm2_tok)["sha256"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Auto-prepare: what a run does when its data folder holds nothing yet.
+# ------------------------------------------------------------------------------------------------
+
+AUTO_SEQ_LEN, AUTO_EVAL_SEQUENCES, AUTO_TRAIN_SEQUENCES = 64, 2, 3
+SMOLLM2_ENDOFTEXT_ID = 0  # SmolLM2's document end; it prepends no BOS
+
+
+def tree_state(*folders: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file below the folders: its modification time and bytes."""
+    files = sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+def test_ensure_prepared_without_auto_prepare_makes_nothing(tmp_path, smollm2_tok):
+    ensure_prepared(tmp_path / "prepared", None, smollm2_tok, "smollm2-135m", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ensure_prepared_builds_the_tiny_corpus_and_data_once(tmp_path, smollm2_tok, capsys):
+    corpus, out = tmp_path / "corpus", tmp_path / "prepared"
+    auto = AutoPrepare(
+        corpus="tiny",
+        corpus_dir=str(corpus),
+        seq_len=AUTO_SEQ_LEN,
+        eval_sequences=AUTO_EVAL_SEQUENCES,
+        max_train_sequences=AUTO_TRAIN_SEQUENCES,
+        num_workers=1,
+    )
+    ensure_prepared(out, auto, smollm2_tok, "smollm2-135m", progress=False)
+
+    assert sorted(p.name for p in corpus.iterdir()) == [f"{domain}.jsonl" for domain in TINY_DOMAINS]
+    data = PreparedData.open(out)
+    assert data.domains == list(TINY_DOMAINS) and data.seq_len == AUTO_SEQ_LEN
+    assert data.metadata["eos_token_id"] == SMOLLM2_ENDOFTEXT_ID and data.metadata["bos_token_id"] is None
+    assert data.metadata["tokenizer"]["sha256"] == tokenizer_fingerprint(smollm2_tok)["sha256"]
+    for domain in TINY_DOMAINS:
+        assert data.metadata["domains"][domain]["sources"] == [str(corpus / f"{domain}.jsonl")]
+        assert data.num_sequences(domain, "eval") == AUTO_EVAL_SEQUENCES
+        assert data.num_sequences(domain, "train") == AUTO_TRAIN_SEQUENCES
+        assert data.sequences(domain, "train", [0]).shape == (1, AUTO_SEQ_LEN)
+    printed = capsys.readouterr().out
+    assert (
+        f"code: {AUTO_TRAIN_SEQUENCES} train + {AUTO_EVAL_SEQUENCES} eval sequences of 64 tokens" in printed
+    )
+
+    before = tree_state(corpus, out)
+    ensure_prepared(out, auto, smollm2_tok, "smollm2-135m", progress=False)
+    assert capsys.readouterr().out == ""  # prepare_data did not even run to say "skip"
+    assert tree_state(corpus, out) == before

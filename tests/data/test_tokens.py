@@ -13,7 +13,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from sheared.data.prepare import DomainInput, PrepareConfig, prepare_data
 from sheared.data.tokens import (
     METADATA_FILE,
-    TMP_SUFFIX,
     PreparedData,
     TokenFileWriter,
     check_tokenizer,
@@ -22,6 +21,7 @@ from sheared.data.tokens import (
     write_token_file,
 )
 from sheared.errors import UserError
+from sheared.files import TMP_SUFFIX
 
 WORDS = tuple(f"w{i}" for i in range(40))
 SEQ_LEN = 8

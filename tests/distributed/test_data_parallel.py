@@ -17,10 +17,9 @@ import torch
 from sheared.config import load_config
 from sheared.model import load_source
 from sheared.pruning import L0Module, LagrangianConstraint
-from sheared.train.checkpoint import list_checkpoints, load_module_weights
+from sheared.train.checkpoint import Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig
-from sheared.train.loop import Trainable
-from sheared.train.metrics import read_metrics
+from sheared.train.run_files import read_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -12,7 +12,7 @@ from sheared.data.sampler import DomainMixtureSampler
 from sheared.errors import UserError
 from sheared.train.checkpoint import list_checkpoints
 from sheared.train.loop import run
-from sheared.train.metrics import read_metrics
+from sheared.train.run_files import read_metrics
 
 STEP_KEYS = {
     "step",

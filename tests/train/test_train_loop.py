@@ -12,7 +12,7 @@ from sheared.config import load_config
 from sheared.data.sampler import DomainMixtureSampler
 from sheared.train.config import TrainConfig
 from sheared.train.loop import run
-from sheared.train.metrics import read_metrics
+from sheared.train.run_files import read_metrics
 
 
 def _config(tiny_export, data, *overrides):

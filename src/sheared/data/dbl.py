@@ -1,12 +1,16 @@
 """Dynamic batch loading (SPEC §5): the domain-weight update and scaling-law reference losses.
 
-Pure functions on plain lists, aligned by domain order; they know nothing of models or files.
+Pure functions on plain lists, aligned by domain order; they know nothing of models or files,
+except `read_reference_losses`, which reads the JSON file of reference losses a user names.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +60,48 @@ def weights_by_domain(
                 f"{what} have {len(values)} entries for {len(domains)} domains ({', '.join(domains)})"
             )
     return validate_weights(values, what)
+
+
+def read_reference_losses(
+    spec: str | dict[str, float], domains: list[str], previous: dict[str, Any]
+) -> dict[str, float] | None:
+    """Reference losses per domain, or None when they must be measured on the source (`source`).
+
+    `source` while continuing a pruned model means the pruning run's reference (the original
+    source's losses), which the export keeps next to the model.
+
+    Args:
+        spec: A mapping domain -> loss; the path of a JSON file holding one (at its top level or
+            under "reference_losses"); or "source".
+        domains: The data's domains, in order.
+        previous: The run state kept next to the model being continued (empty when pruning).
+
+    Returns:
+        domain -> loss in `domains` order, or None when they must be measured.
+
+    Raises:
+        UserError: If the file does not exist, or the losses lack a domain or name an unknown one.
+    """
+    if isinstance(spec, dict):
+        values = spec
+        where = "data.reference_losses"
+    elif spec == "source":
+        if previous.get("reference_losses") and set(previous["reference_losses"]) >= set(domains):
+            return {d: float(previous["reference_losses"][d]) for d in domains}
+        return None
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"data.reference_losses {spec!r} is neither 'source' nor an existing JSON file")
+        loaded = json.loads(path.read_text())
+        values = loaded.get("reference_losses", loaded)
+        where = str(path)
+    unknown = [d for d in values if d not in domains]
+    missing = [d for d in domains if d not in values]
+    if unknown or missing:
+        problem = f"unknown domain {unknown[0]!r}" if unknown else f"no value for domain {missing[0]!r}"
+        raise UserError(f"reference losses in {where}: {problem}; the data has: {', '.join(domains)}")
+    return {d: float(values[d]) for d in domains}
 
 
 def weights_proportional_to(sizes: Sequence[int | float]) -> list[float]:

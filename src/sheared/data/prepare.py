@@ -7,11 +7,14 @@ Per domain, top to bottom:
 
 1. read every document (`readers.iter_documents`), dropping empty ones and those under `min_chars`;
 2. shuffle the document order with a generator seeded by (`seed`, crc32 of the domain name);
-3. tokenize in that order on `num_workers` processes, each document followed by the document-end
-   token (and preceded by BOS when the tokenizer adds one itself, as Llama-3's does);
+3. tokenize in that order on `num_workers` processes (`sheared.data.encode`), each document followed
+   by the document-end token (and preceded by BOS when the tokenizer adds one itself, as Llama-3's does);
 4. split **by document**: documents go to eval until the eval stream holds `eval_sequences * seq_len`
    tokens, the rest go to train, so no document is in both;
 5. pack each split: concatenate, cut into `seq_len` rows, drop the incomplete tail.
+
+`ensure_prepared` does all of this (and builds the corpus first) when a run's data folder is
+missing and its `AutoPrepare` says how.
 
 Token files are written atomically and metadata.json is rewritten after each finished domain, so an
 interrupted run leaves finished domains intact; running it again skips them and redoes the rest.
@@ -20,16 +23,12 @@ The output is the same for 1 and N workers (chunks are tokenized in order).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import multiprocessing
 import os
 import re
 import shutil
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sheared.config import config_from_dict
+from sheared.data.encode import (
+    TOKEN_ID_DTYPE,
+    DocumentConvention,
+    Encoder,
+    document_convention,
+    document_encoder,
+    document_tokens,
+)
 from sheared.data.readers import check_format, expand_paths, iter_documents
 from sheared.data.tokens import (
     FORMAT_VERSION,
@@ -54,21 +61,10 @@ from sheared.data.tokens import (
     write_metadata,
 )
 from sheared.errors import UserError
+from sheared.files import tmp_path
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-# Pretraining document separators of SmolLM/Qwen (<|endoftext|>) and Llama-3 (<|end_of_text|>); they
-# come before the tokenizer's eos_token, which for chat models is the end-of-turn token.
-DOCUMENT_END_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|end_of_text|>")
-BOS_PROBE_TEXT = "a"  # a text the tokenizer encodes without special tokens of its own
-CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
-CHUNK_DOCUMENTS = 512  # ... and at most this many documents
-CHUNKS_IN_FLIGHT_PER_WORKER = (
-    2  # queued ahead per worker: keeps workers busy, lets a capped domain stop early
-)
-START_METHOD = "spawn"  # workers load the tokenizer from disk; nothing is inherited from the parent
 CORPUS_GLOB = "*.jsonl"  # the sample corpus: one `<domain>.jsonl` per domain
-TOKEN_ID_DTYPE = np.uint32  # ids on their way from the tokenizer (any vocabulary fits)
-LENGTH_DTYPE = np.int64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,168 +191,6 @@ def prepare_config_from_flags(
 
 
 # --------------------------------------------------------------------------------------------------
-# Document convention and tokenization (pure functions of a tokenizer).
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DocumentConvention:
-    """How a document becomes tokens: `[BOS] tokens(text) EOS`."""
-
-    add_special_tokens: bool
-    """Tokenize with the tokenizer's default special tokens (true when that default adds BOS)."""
-    bos_token_id: int | None
-    """The BOS id the tokenizer prepends itself, or None when it prepends nothing."""
-    eos_token_id: int
-    """The document-end id appended after every document."""
-
-
-def _single_token_id(tokenizer: Any, token: str) -> int | None:
-    """The id of `token` when the vocabulary has it as one token, else None."""
-    return tokenizer.get_vocab().get(token)
-
-
-def document_convention(tokenizer: Any, document_end_token: str | None = None) -> DocumentConvention:
-    """The family's document convention for a tokenizer.
-
-    BOS is prepended iff the tokenizer adds it by default (Llama-3 does, SmolLM2 and Qwen do not).
-    The document end is `document_end_token` when given, else the first of `DOCUMENT_END_TOKENS`
-    the vocabulary holds as a single token, else the tokenizer's eos_token.
-
-    Raises:
-        UserError: If `document_end_token` is not a single token of the vocabulary, or no
-            document-end token can be found.
-    """
-    bos = tokenizer.bos_token_id
-    probe = tokenizer(BOS_PROBE_TEXT)["input_ids"]
-    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-    if document_end_token is not None:
-        eos = _single_token_id(tokenizer, document_end_token)
-        if eos is None:
-            raise UserError(
-                f"document_end_token {document_end_token!r} is not a single token of the tokenizer's vocabulary "
-                f"(its special tokens: {', '.join(tokenizer.all_special_tokens)})"
-            )
-    else:
-        found = [_single_token_id(tokenizer, t) for t in DOCUMENT_END_TOKENS]
-        eos = next((i for i in found if i is not None), tokenizer.eos_token_id)
-        if eos is None:
-            raise UserError(
-                f"tokenizer {tokenizer.name_or_path} has no document-end token (none of "
-                f"{', '.join(DOCUMENT_END_TOKENS)} and no eos_token); set document_end_token"
-            )
-    return DocumentConvention(
-        add_special_tokens=adds_bos, bos_token_id=bos if adds_bos else None, eos_token_id=eos
-    )
-
-
-def encode_documents(
-    tokenizer: Any, texts: Sequence[str], convention: DocumentConvention
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize documents as `[BOS] text EOS` each.
-
-    Special-token strings inside a text (say a literal "<|endoftext|>" in a web page) are tokenized as
-    plain text, so only the appended EOS ever marks a document end.
-
-    Args:
-        tokenizer: A fast `transformers` tokenizer.
-        texts: (n,) documents.
-        convention: BOS/EOS handling (see `document_convention`).
-
-    Returns:
-        tokens: (sum of lengths,) uint32, the documents' ids one after another.
-        lengths: (n,) int64, tokens per document (EOS included).
-    """
-    if not texts:
-        return np.zeros(0, dtype=TOKEN_ID_DTYPE), np.zeros(0, dtype=LENGTH_DTYPE)
-    encoded = tokenizer(
-        list(texts),
-        add_special_tokens=convention.add_special_tokens,
-        split_special_tokens=True,  # "<|endoftext|>" written inside a document is text, not a boundary
-        return_attention_mask=False,
-        verbose=False,  # documents are longer than model_max_length by design
-    )["input_ids"]
-    eos = [convention.eos_token_id]
-    ids = [token for document in encoded for token in (*document, *eos)]
-    lengths = np.fromiter((len(document) + 1 for document in encoded), dtype=LENGTH_DTYPE, count=len(encoded))
-    return np.asarray(ids, dtype=TOKEN_ID_DTYPE), lengths
-
-
-# Each tokenizer process loads the tokenizer once (in its initializer) and keeps it here; the parent
-# process never calls this, so the cache is empty there.
-@functools.lru_cache(maxsize=1)
-def _worker_tokenizer(directory: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def _init_worker(directory: str, rayon_threads: int) -> None:
-    # Share the cores between workers instead of every worker's Rust thread pool taking all of them.
-    os.environ.setdefault("RAYON_NUM_THREADS", str(rayon_threads))
-    # An initializer that raises makes the pool start replacement workers forever; if loading fails
-    # here, the first task loads the tokenizer again and its error reaches the parent instead.
-    with contextlib.suppress(Exception):
-        _worker_tokenizer(directory)
-
-
-def _encode_in_worker(task: tuple[str, list[str], DocumentConvention]) -> tuple[np.ndarray, np.ndarray]:
-    directory, texts, convention = task
-    return encode_documents(_worker_tokenizer(directory), texts, convention)
-
-
-def _chunks(texts: Sequence[str]) -> Iterator[list[str]]:
-    """Consecutive runs of texts of about `CHUNK_CHARS` characters (at most `CHUNK_DOCUMENTS`)."""
-    chunk: list[str] = []
-    chars = 0
-    for text in texts:
-        chunk.append(text)
-        chars += len(text)
-        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_DOCUMENTS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _ordered_map(pool: Any, fn: Callable, tasks: Iterable[Any], in_flight: int) -> Iterator[Any]:
-    """`pool.imap(fn, tasks)` with at most `in_flight` tasks queued, so the consumer can stop early."""
-    pending: deque = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(fn, (task,)))
-        if len(pending) >= in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-# An encoder maps chunks of texts to (tokens, lengths) per chunk, in order.
-Encoder = Callable[[Iterable[list[str]]], Iterator[tuple[np.ndarray, np.ndarray]]]
-
-
-def _in_process_encoder(tokenizer: Any, convention: DocumentConvention) -> Encoder:
-    def encode(chunks: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for chunk in chunks:
-            yield encode_documents(tokenizer, chunk, convention)
-
-    return encode
-
-
-def _pool_encoder(pool: Any, tokenizer_dir: str, convention: DocumentConvention, num_workers: int) -> Encoder:
-    def encode(chunks: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        tasks = ((tokenizer_dir, chunk, convention) for chunk in chunks)
-        yield from _ordered_map(pool, _encode_in_worker, tasks, num_workers * CHUNKS_IN_FLIGHT_PER_WORKER)
-
-    return encode
-
-
-def _document_tokens(texts: Sequence[str], encoder: Encoder) -> Iterator[np.ndarray]:
-    """(length,) uint32 token ids of each document, in order."""
-    for tokens, lengths in encoder(_chunks(texts)):
-        yield from np.split(tokens, np.cumsum(lengths)[:-1])
-
-
-# --------------------------------------------------------------------------------------------------
 # Packing.
 # --------------------------------------------------------------------------------------------------
 
@@ -438,7 +272,7 @@ def _prepare_domain(
             "eval": _Packer(eval_writer, cfg.seq_len, cfg.eval_sequences),
             "train": _Packer(train_writer, cfg.seq_len, cfg.max_train_sequences),
         }
-        for tokens in _document_tokens(texts, encoder):
+        for tokens in document_tokens(texts, encoder):
             # Whole documents go to eval until it is full: no document is split between the two.
             packers["eval" if not packers["eval"].full else "train"].add(tokens)
             bar.update(1)
@@ -547,7 +381,7 @@ def _save_tokenizer(tokenizer: Any, out: Path, fingerprint: dict[str, Any]) -> P
     from transformers import AutoTokenizer
 
     target = out / TOKENIZER_DIR
-    staging = out / f"{TOKENIZER_DIR}.tmp"
+    staging = tmp_path(target)
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer.save_pretrained(str(staging))
     reloaded = AutoTokenizer.from_pretrained(str(staging))
@@ -618,21 +452,71 @@ def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = Tru
             write_metadata(out, metadata)  # never list files that are about to be replaced
     tokenizer_dir = _save_tokenizer(tokenizer, out, fingerprint)  # what the workers load
 
-    pool = None
-    try:
-        if cfg.num_workers > 1:
-            rayon_threads = max(1, (os.cpu_count() or 1) // cfg.num_workers)
-            context = multiprocessing.get_context(START_METHOD)
-            pool = context.Pool(cfg.num_workers, _init_worker, (str(tokenizer_dir), rayon_threads))
-            encoder = _pool_encoder(pool, str(tokenizer_dir), convention, cfg.num_workers)
-        else:
-            encoder = _in_process_encoder(tokenizer, convention)
+    with document_encoder(tokenizer, str(tokenizer_dir), convention, cfg.num_workers) as encoder:
         for name in todo:
             metadata["domains"][name] = _prepare_domain(name, cfg, out, dtype, encoder, progress)
             metadata["domains"] = _in_config_order(metadata["domains"], cfg)
             write_metadata(out, metadata)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return metadata
+
+
+# --------------------------------------------------------------------------------------------------
+# Auto-prepare: what a run does when its data folder holds no prepared data yet.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AutoPrepare:
+    """How to make the prepared data when `data.path` holds none yet."""
+
+    corpus: Literal["tiny", "sample"] = "sample"
+    """`tiny`: two small domains from the Python standard library (a second, offline anywhere);
+    `sample`: the seven-domain sample corpus (`sheared data sample-corpus`)."""
+    corpus_dir: str = "data/corpus"
+    """Where the corpus JSONL files are (built there if missing)."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    eval_sequences: int = 16
+    """Held-out sequences per domain."""
+    max_train_sequences: int | None = 2000
+    """Training sequences per domain (None: all)."""
+    num_workers: int = 1
+    """Tokenizer processes (the fast tokenizer already uses every core of a small machine)."""
+
+
+def ensure_prepared(
+    path: str | Path, auto: AutoPrepare | None, tokenizer: Any, source_spec: str, progress: bool = True
+) -> None:
+    """Build the corpus and prepare it into `path` when that holds no prepared data and `auto` says how.
+
+    Otherwise (data already there, or `auto` is None) do nothing, and leave it to
+    `PreparedData.open` to complain about missing data.
+
+    Args:
+        path: The prepared directory a run reads.
+        auto: How to make it; None makes nothing.
+        tokenizer: The run's source tokenizer (a fast `transformers` tokenizer).
+        source_spec: The source the tokenizer came from (recorded as `PrepareConfig.source`).
+        progress: Show progress bars.
+    """
+    if (Path(path) / METADATA_FILE).is_file() or auto is None:
+        return
+    if auto.corpus == "tiny":
+        from sheared.data.corpus import build_tiny_corpus
+
+        build_tiny_corpus(auto.corpus_dir)
+    else:
+        from sheared.data.corpus import build_sample_corpus
+
+        build_sample_corpus(auto.corpus_dir, progress=progress)
+    prepare_cfg = prepare_config_from_flags(
+        str(path),
+        [],
+        auto.corpus_dir,
+        source=source_spec,
+        seq_len=auto.seq_len,
+        eval_sequences=auto.eval_sequences,
+        max_train_sequences=auto.max_train_sequences,
+        num_workers=auto.num_workers,
+    )
+    prepare_data(prepare_cfg, tokenizer=tokenizer, progress=progress)

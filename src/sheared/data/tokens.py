@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from sheared.errors import UserError
+from sheared.files import atomic_write_json, fsync_dir, tmp_path
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_DIR = "tokenizer"
-TMP_SUFFIX = ".tmp"
 SPLITS: tuple[str, ...] = ("train", "eval")
 UINT16_VOCAB_LIMIT = 65536  # ids 0..65535 fit in an unsigned 16-bit integer
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian on disk
@@ -128,22 +128,8 @@ def token_file_name(domain: str, split: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Atomic files.
+# Writing (atomically, see `sheared.files`).
 # --------------------------------------------------------------------------------------------------
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside `directory` durable (where the platform allows opening directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class TokenFileWriter:
@@ -160,7 +146,7 @@ class TokenFileWriter:
     def __init__(self, path: str | Path, dtype: np.dtype):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.tmp_path = self.path.with_name(self.path.name + TMP_SUFFIX)
+        self.tmp_path = tmp_path(self.path)
         self.num_tokens = 0
         self._hash = hashlib.sha256()
         self._limit = np.iinfo(self.dtype).max
@@ -183,7 +169,7 @@ class TokenFileWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp_path, self.path)
-        _fsync_directory(self.path.parent)
+        fsync_dir(self.path.parent)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
@@ -226,16 +212,7 @@ def file_sha256(path: str | Path) -> str:
 
 def write_metadata(directory: str | Path, metadata: dict[str, Any]) -> Path:
     """Write `directory/metadata.json` atomically (temporary file, fsync, rename)."""
-    path = Path(directory) / METADATA_FILE
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
-    return path
+    return atomic_write_json(Path(directory) / METADATA_FILE, metadata)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Export: masks -> an exact-shape standard Hugging Face checkpoint, verified before success."""
+"""`sheared export`: masks -> an exact-shape, verified standard Hugging Face checkpoint."""
 
-from sheared.export.export import ExportVerificationError, export_model, export_run
+from sheared.export.export import REPORT_FILE, ExportVerificationError, export_model, export_run
 
-__all__ = ["ExportVerificationError", "export_model", "export_run"]
+__all__ = ["REPORT_FILE", "ExportVerificationError", "export_model", "export_run"]

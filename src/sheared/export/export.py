@@ -25,9 +25,9 @@ from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts
 from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
-from sheared.train.checkpoint import TRAINER_STATE, list_checkpoints, load_module_weights
+from sheared.train.checkpoint import TRAINER_STATE, Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.loop import RUN_STATE_FILE, Trainable
+from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir
 
 REPORT_FILE = "export_report.json"
 VERIFY_ATOL = 1e-4  # max |logit difference| between the reloaded export and our model (SPEC §6); float64
@@ -53,14 +53,14 @@ def resolve_run(path: str | Path) -> RunCheckpoint:
     p = Path(path)
     if (p / TRAINER_STATE).is_file():
         checkpoint, run_dir = p, p.parent.parent
-    elif (p / "config.yaml").is_file():
+    elif RunDir(p).is_run():
         found = list_checkpoints(p)
         if not found:
             raise UserError(f"run {p} has no complete checkpoint yet; nothing to export")
         checkpoint, run_dir = found[-1], p
     else:
-        raise UserError(f"{p} is neither a run directory (config.yaml) nor a checkpoint ({TRAINER_STATE})")
-    data = read_yaml(run_dir / "config.yaml")
+        raise UserError(f"{p} is neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE})")
+    data = read_yaml(RunDir(run_dir).config)
     cls = PruneConfig if "pruning" in data else TrainConfig
     return RunCheckpoint(run_dir, config_from_dict(cls, data), checkpoint)
 
@@ -205,9 +205,8 @@ def export_run(
     run = resolve_run(path)
     cfg = run.config
     pruning = isinstance(cfg, PruneConfig)
-    source_spec = cfg.source if pruning else cfg.model
     out = Path(out_dir)
-    source = load_source(source_spec)
+    source = load_source(cfg.source_spec)
     check_output_dir(out, force, source.path, run.run_dir)
 
     model = source.model
@@ -302,7 +301,7 @@ def model_card(report: dict[str, Any], cfg, pruning: bool, run_path: str, out_di
         "",
         "```bash",
         f"sheared {'prune' if pruning else 'train'} --config CONFIG --run-dir {report['run_dir']}"
-        f"   # resolved config: {report['run_dir']}/config.yaml",
+        f"   # resolved config: {RunDir(report['run_dir']).config}",
         f"sheared export {run_path} --out {out_dir}",
         "```",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +126,33 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
         "num_params_mlp_per_layer": mlp,
         "num_params_norms": norms,
     }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe(shape: Any, *, detail: bool = False) -> str:
+    """A shape in one line, the way every printer shows it.
+
+    `4 layers, hidden 8, 4 query heads in 2 KV groups, intermediate 16`, and with `detail`
+    `..., head_dim 64, vocab 49152, tied embeddings` (the parts the shape has).
+
+    Args:
+        shape: a `ModelArgs`, a `TargetShape`, or a mapping with the `SHAPE_FIELDS` keys.
+        detail: add head_dim, vocabulary and embedding tying.
+    """
+    get = shape.get if isinstance(shape, Mapping) else lambda key: getattr(shape, key, None)
+    text = (
+        f"{_plural(get('num_hidden_layers'), 'layer')}, hidden {get('hidden_size')}, "
+        f"{_plural(get('num_attention_heads'), 'query head')} in {_plural(get('num_key_value_heads'), 'KV group')}, "
+        f"intermediate {get('intermediate_size')}"
+    )
+    if detail:
+        if get("head_dim") is not None:
+            text += f", head_dim {get('head_dim')}"
+        if get("vocab_size") is not None:
+            text += f", vocab {get('vocab_size')}"
+        if get("tie_word_embeddings") is not None:
+            text += f", {'tied' if get('tie_word_embeddings') else 'untied'} embeddings"
+    return text

@@ -19,7 +19,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,27 +28,31 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
+from sheared.files import TMP_SUFFIX, fsync_tree
+from sheared.train.run_files import RunDir
 
-CHECKPOINT_DIR = "checkpoints"
+if TYPE_CHECKING:
+    from sheared.pruning import L0Module, LagrangianConstraint
+
 STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
-TMP_SUFFIX = ".tmp"
+
+
+class Trainable(nn.Module):
+    """Everything the optimizer updates, under one module so checkpoints name it consistently:
+    `model.*` (the decoder), `l0.log_alpha.*` and `lagrangian.lambda1/2.*` (pruning runs only)."""
+
+    def __init__(
+        self, model: nn.Module, l0: L0Module | None = None, lagrangian: LagrangianConstraint | None = None
+    ):
+        super().__init__()
+        self.model = model
+        self.l0 = l0
+        self.lagrangian = lagrangian
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(path.rglob("*")):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_main() -> bool:
@@ -62,7 +66,7 @@ def _barrier() -> None:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINT_DIR
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [
@@ -82,7 +86,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Save everything needed to resume at `step`; every rank calls this (collective under FSDP)."""
-    root = Path(run_dir) / CHECKPOINT_DIR
+    root = RunDir(run_dir).checkpoints
     final = root / checkpoint_name(step)
     tmp = root / (checkpoint_name(step) + TMP_SUFFIX)
     if _is_main():
@@ -96,7 +100,7 @@ def save_checkpoint(
     _barrier()
     if _is_main():
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a re-run of the same step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)

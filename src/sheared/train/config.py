@@ -5,53 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sheared.data.prepare import AutoPrepare
 from sheared.errors import UserError
+from sheared.model.random_source import SourceInit
 from sheared.pruning.target import TargetShape
-
-
-@dataclass
-class SourceInit:
-    """A random-weight source written to `source` when that directory does not exist yet (tests, smoke runs)."""
-
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
-    """Family of the random model."""
-    num_hidden_layers: int = 4
-    """Layers."""
-    hidden_size: int = 64
-    """Residual width."""
-    num_attention_heads: int = 4
-    """Query heads."""
-    num_key_value_heads: int = 2
-    """KV heads."""
-    head_dim: int = 16
-    """Head width."""
-    intermediate_size: int = 128
-    """MLP width."""
-    tie_word_embeddings: bool = True
-    """Tie input and output embeddings."""
-    tokenizer: str = "smollm2-135m"
-    """Source whose tokenizer (and vocabulary size) the random model uses."""
-    seed: int = 0
-    """Seed of the random weights."""
-
-
-@dataclass
-class AutoPrepare:
-    """How to make the prepared data when `data.path` holds none yet."""
-
-    corpus: Literal["tiny", "sample"] = "sample"
-    """`tiny`: two small domains from the Python standard library (a second, offline anywhere);
-    `sample`: the seven-domain sample corpus (`sheared data sample-corpus`)."""
-    corpus_dir: str = "data/corpus"
-    """Where the corpus JSONL files are (built there if missing)."""
-    seq_len: int = 256
-    """Tokens per packed sequence."""
-    eval_sequences: int = 16
-    """Held-out sequences per domain."""
-    max_train_sequences: int | None = 2000
-    """Training sequences per domain (None: all)."""
-    num_workers: int = 1
-    """Tokenizer processes (the fast tokenizer already uses every core of a small machine)."""
 
 
 @dataclass
@@ -166,8 +123,9 @@ class LoopConfig:
     """Keep the newest this many checkpoints."""
     seed: int = 0
     """Seed of data order, mask noise and random initialisation."""
-    precision: Literal["fp32", "bf16-autocast", "bf16"] = "fp32"
-    """fp32; bf16 autocast with fp32 weights; or bf16 weights (masks, log_alpha and lambdas stay fp32)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`fp32`, or `bf16`: matrix products in bfloat16 under autocast (FSDP2: parameters gathered in
+    bfloat16) while the weights, their optimizer state, masks, log_alpha and lambdas stay float32."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
 
@@ -187,6 +145,24 @@ class LoopConfig:
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per rank and step for `world_size` data-parallel ranks."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise UserError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) × ranks ({world_size})"
+            )
+        return self.global_batch_size // per_step
+
+    def is_eval_step(self, step: int) -> bool:
+        """Whether evaluation (and the domain reweighting) follows the 1-based `step`."""
+        return step % self.eval_interval == 0 or step == self.steps
+
+    def is_save_step(self, step: int) -> bool:
+        """Whether a checkpoint is written after the 1-based `step`."""
+        return step % self.save_interval == 0 or step == self.steps
 
 
 @dataclass
@@ -222,6 +198,16 @@ class PruneConfig:
     source_config: str | None = None
     """A copy of the source's config.json, used by `--dry-run` when `source` is not on this machine."""
 
+    @property
+    def source_spec(self) -> str:
+        """The model the run starts from (the source being pruned)."""
+        return self.source
+
+    @property
+    def shape_config(self) -> str | None:
+        """A config.json that describes the source when it is not on this machine."""
+        return self.source_config
+
 
 @dataclass
 class TrainConfig:
@@ -239,3 +225,13 @@ class TrainConfig:
     """Data parallelism."""
     model_config: str | None = None
     """A copy of the model's config.json, used by `--dry-run` when `model` does not exist yet."""
+
+    @property
+    def source_spec(self) -> str:
+        """The model the run starts from (the model being trained)."""
+        return self.model
+
+    @property
+    def shape_config(self) -> str | None:
+        """A config.json that describes the model when it does not exist yet."""
+        return self.model_config

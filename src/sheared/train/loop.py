@@ -2,22 +2,21 @@
 
 Reads top to bottom:
 
-1. set up: process group and device, run directory, source model, prepared data, masks;
-2. domain weights, reference losses and the sampler; optimizer and schedule; resume;
-3. every step: the global batch from the sampler, this rank's micro-batches, one mask sample per
+1. `set_up`: process group and device, run directory, source model, prepared data, masks; domain
+   weights, reference losses and the sampler; optimizer; resume from the newest checkpoint;
+2. `train_step`: the global batch from the sampler, this rank's micro-batches, one mask sample per
    micro-batch (seeded by step and global micro-batch index, never by rank), backward; the
    Lagrangian once per step; gradient clipping on the model weights; one AdamW step;
-4. every `eval_interval` steps: per-domain eval loss (under deterministic masks at the expected
-   size while pruning), then the dynamic-batch-loading update of the domain weights;
-5. checkpoints (atomic, exact resume) and, at the end, the final masks.
+3. `evaluate_and_reweight`, every `eval_interval` steps: per-domain eval loss (under deterministic
+   masks at the expected size while pruning), then the dynamic-batch-loading update;
+4. `save`: checkpoints (atomic, exact resume) and, at the end, the final masks.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,27 @@ from torch import nn
 from tqdm import tqdm
 
 from sheared.config import save_config
-from sheared.data.dbl import update_domain_weights, weights_by_domain, weights_proportional_to
+from sheared.data.dbl import (
+    read_reference_losses,
+    update_domain_weights,
+    weights_by_domain,
+    weights_proportional_to,
+)
+from sheared.data.prepare import ensure_prepared
 from sheared.data.sampler import DomainMixtureSampler, rank_slice
+from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
 from sheared.eval.domain_loss import domain_losses
 from sheared.eval.lm import next_token_loss
-from sheared.model import CausalLM, Masks, load_source
+from sheared.model import CausalLM, Masks, load_source, parameter_counts
+from sheared.model.random_source import ensure_source
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
 from sheared.pruning.constraint import warmed_up_target
 from sheared.train import checkpoint as ckpt
+from sheared.train import run_files as rf
+from sheared.train.checkpoint import Trainable
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.data_setup import ensure_prepared, ensure_source, read_reference_losses
 from sheared.train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -53,23 +61,6 @@ from sheared.train.distributed import (
 from sheared.train.metrics import MetricsWriter
 from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rates
 
-MASKS_DIR = "masks"
-MASKS_FILE = "masks.pt"
-MASKS_SUMMARY = "masks.json"
-# Written by `sheared export` next to a model: the run's domain weights and reference losses, so
-# that continued pretraining starts from them.
-RUN_STATE_FILE = "sheared_run_state.json"
-
-
-class Trainable(nn.Module):
-    """Everything the optimizer updates, under one module so checkpoints name it consistently."""
-
-    def __init__(self, model: nn.Module, l0: L0Module | None, lagrangian: LagrangianConstraint | None):
-        super().__init__()
-        self.model = model
-        self.l0 = l0
-        self.lagrangian = lagrangian
-
 
 @dataclass
 class RunResult:
@@ -82,82 +73,128 @@ class RunResult:
     domain_weights: dict[str, float]
 
 
+@dataclass
+class RunState:
+    """What the step functions share: built by `set_up`, advanced by `train_step`."""
+
+    cfg: PruneConfig | TrainConfig
+    env: DistEnv
+    files: rf.RunDir
+    model: CausalLM
+    """The bare decoder (its parameters are the ones clipped and optimised)."""
+    trainable: Trainable
+    """The wrapped decoder (DDP / FSDP2), the L0 module and the multipliers, as checkpointed."""
+    optimizer: torch.optim.Optimizer
+    data: PreparedData
+    sampler: DomainMixtureSampler
+    autocast_dtype: torch.dtype | None
+    accumulation_steps: int
+    reference: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed: bool = False
+
+    @property
+    def l0(self) -> L0Module | None:
+        return self.trainable.l0
+
+    @property
+    def lagrangian(self) -> LagrangianConstraint | None:
+        return self.trainable.lagrangian
+
+    @property
+    def domains(self) -> list[str]:
+        return self.data.domains
+
+    @property
+    def last_eval(self) -> dict[str, float]:
+        return self.history[-1]["eval_loss"] if self.history else {}
+
+    def evaluate(self, masks: Masks | None) -> dict[str, float]:
+        """Per-domain eval loss of the (wrapped) model, summed over ranks."""
+        return domain_losses(
+            self.trainable.model,
+            self.data,
+            batch_size=self.cfg.data.eval_batch_size,
+            masks=masks,
+            max_sequences=self.cfg.data.max_eval_sequences,
+            device=self.env.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+
 def mask_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
     """The generator of one micro-batch's mask sample: seeded by (seed, step, global micro-batch)."""
     state = np.random.SeedSequence([seed, step, micro_batch]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        return
-    if ckpt.list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists():
-        raise UserError(
-            f"run directory {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir"
-        )
-
-
 def run(
     cfg: PruneConfig | TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
 ) -> RunResult:
     """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`."""
-    pruning = isinstance(cfg, PruneConfig)
-    run_dir = Path(run_dir)
-    loop = cfg.train
-    env = init_distributed(cfg.distributed, loop.device)
+    env = init_distributed(cfg.distributed, cfg.train.device)
     try:
-        return _run(cfg, run_dir, env, pruning, resume, progress and env.is_main)
+        state = set_up(cfg, rf.RunDir(run_dir), env, resume)
+        return _train(state, progress and env.is_main)
     finally:
         shutdown(env)
 
 
-def _run(cfg, run_dir: Path, env: DistEnv, pruning: bool, resume: bool, progress: bool) -> RunResult:
-    loop = cfg.train
+def _train(state: RunState, progress: bool) -> RunResult:
+    """Steps from where `state` is to the end, with evaluation, logging and checkpoints."""
+    loop, pruning = state.cfg.train, state.l0 is not None
+    metrics = MetricsWriter(
+        state.files.path, enabled=state.env.is_main, resume_step=state.step if state.resumed else None
+    )
+    bar = tqdm(
+        total=loop.steps, initial=state.step, disable=not progress, desc="prune" if pruning else "train"
+    )
+    record: dict[str, Any] = {}
+    for step in range(state.step, loop.steps):
+        record = train_step(state, step)
+        if loop.is_eval_step(step + 1):
+            record.update(evaluate_and_reweight(state))
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(_progress_line(state, record))
+        if loop.is_save_step(step + 1):
+            save(state)
+    bar.close()
+    metrics.close()
+    if pruning:
+        save_masks(state)
+    barrier(state.env)
+    return RunResult(
+        run_dir=state.files.path,
+        steps=loop.steps,
+        final_loss=record.get("lm_loss", math.nan),
+        eval_losses=state.last_eval,
+        domain_weights=dict(zip(state.domains, state.sampler.weights)),
+    )
+
+
+# --- 1. set-up -------------------------------------------------------------------------------------
+
+
+def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resume: bool) -> RunState:
+    """Everything a run needs before its first step, resumed from the newest checkpoint if asked."""
+    loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
     bf16 = loop.precision == "bf16"
-    autocast_dtype = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
-    _check_run_dir(run_dir, resume)
+    files.check_fresh(resume)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        files.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, files.config)
     torch.manual_seed(loop.seed)
-
-    # --- 1. model, data, masks -------------------------------------------------------------------
-    source_spec = cfg.source if pruning else cfg.model
-    if pruning and cfg.source_init is not None and env.is_main:
-        ensure_source(cfg.source_init, source_spec)
-    barrier(env)
-    source = load_source(source_spec, device=env.device)
-    model: CausalLM = source.model.train()
-    if env.is_main:
-        ensure_prepared(cfg.data, source.tokenizer, source_spec)
-    barrier(env)
-    from sheared.data.tokens import PreparedData
-
-    data = PreparedData.open(cfg.data.path, verify=cfg.data.verify)
-    data.check_tokenizer(source.tokenizer)
-    if cfg.data.seq_len is not None and cfg.data.seq_len != data.seq_len:
-        raise UserError(
-            f"data.seq_len is {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len {data.seq_len}"
-        )
-    domains = data.domains
+    model, data, model_path = _load_model_and_data(cfg, env)
     l0 = lagrangian = None
     if pruning:
         l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
         lagrangian = LagrangianConstraint(l0.specs).to(env.device)
-
-    # --- 2. weights, reference losses, sampler, optimizer, resume --------------------------------
-    previous = _previous_run_state(source.path) if not pruning else {}
-    if cfg.data.initial_weights is not None:
-        weights = weights_by_domain(cfg.data.initial_weights, domains, "data.initial_weights")
-    elif previous.get("domain_weights") and set(previous["domain_weights"]) == set(domains):
-        weights = weights_by_domain(previous["domain_weights"], domains, "the pruning run's final weights")
-    else:
-        weights = weights_proportional_to([data.num_tokens(d, "train") for d in domains])
-    sampler = DomainMixtureSampler(
-        domains, [data.num_sequences(d, "train") for d in domains], weights, loop.seed
-    )
-
+    previous = {} if pruning else rf.read_run_state(model_path)
+    sampler = _sampler(cfg, data, previous)
     trainable = Trainable(model, l0, lagrangian)
     trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
     optimizer = build_optimizer(
@@ -167,178 +204,170 @@ def _run(cfg, run_dir: Path, env: DistEnv, pruning: bool, resume: bool, progress
         lambdas=lagrangian.parameters() if lagrangian is not None else (),
         pruning=cfg.pruning if pruning else None,
     )
-
-    def evaluate(masks: Masks | None) -> dict[str, float]:
-        return domain_losses(
-            trainable.model,
-            data,
-            batch_size=cfg.data.eval_batch_size,
-            masks=masks,
-            max_sequences=cfg.data.max_eval_sequences,
-            device=env.device,
-            autocast_dtype=autocast_dtype,
-        )
-
-    start_step, tokens_seen, history = 0, 0, []
-    checkpoints = ckpt.list_checkpoints(run_dir) if resume else []
-    if resume and not checkpoints:
-        raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    if checkpoints:
-        state = ckpt.load_checkpoint(checkpoints[-1], trainable, optimizer)
-        if state["global_batch_size"] != loop.global_batch_size:
-            raise UserError(
-                f"the checkpoint was trained with global_batch_size {state['global_batch_size']}; "
-                f"resume with the same value (got {loop.global_batch_size})"
-            )
-        sampler.load_state_dict(state["sampler"])
-        start_step, tokens_seen, history = state["step"], state["tokens"], state["history"]
-        reference = state["reference_losses"]
-    else:
-        reference = read_reference_losses(cfg.data.reference_losses, domains, previous)
-        if reference is None:  # "source": the model's own loss before any training, unmasked
-            reference = evaluate(None)
-    reference_list = [reference[d] for d in domains]
-
-    # --- 3. the loop -----------------------------------------------------------------------------
-    accum = loop.global_batch_size // (loop.micro_batch_size * env.world_size)
-    if accum < 1 or loop.global_batch_size % (loop.micro_batch_size * env.world_size):
-        raise UserError(
-            f"train.global_batch_size ({loop.global_batch_size}) must be a multiple of micro_batch_size "
-            f"({loop.micro_batch_size}) × ranks ({env.world_size})"
-        )
-    warmup_steps = round(cfg.pruning.lagrangian_warmup_fraction * loop.steps) if pruning else 0
-    tokens_per_step = loop.global_batch_size * data.seq_len
-    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=start_step if checkpoints else None)
-    bar = tqdm(
-        total=loop.steps, initial=start_step, disable=not progress, desc="prune" if pruning else "train"
+    state = RunState(
+        cfg=cfg,
+        env=env,
+        files=files,
+        model=model,
+        trainable=trainable,
+        optimizer=optimizer,
+        data=data,
+        sampler=sampler,
+        autocast_dtype=torch.bfloat16 if bf16 and env.strategy != "fsdp" else None,
+        accumulation_steps=loop.accumulation_steps(env.world_size),
     )
-    last_eval: dict[str, float] = history[-1]["eval_loss"] if history else {}
-    record: dict[str, Any] = {}
+    _resume_or_start(state, resume, previous)
+    return state
 
-    for step in range(start_step, loop.steps):
-        t0 = time.perf_counter()
-        multiplier = lr_multiplier(step, loop.steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
-        set_learning_rates(optimizer, multiplier)
-        items = rank_slice(sampler.next_global_batch(loop.global_batch_size), env.rank, env.world_size)
-        lm_loss_sum = 0.0
-        for m in range(accum):
-            micro = items[m * loop.micro_batch_size : (m + 1) * loop.micro_batch_size]
-            ids = _gather(data, domains, micro).to(env.device)  # (micro_batch, seq_len)
-            masks = None
-            if l0 is not None:
-                l0.clamp_()
-                masks = l0.sample(mask_generator(loop.seed, step, env.rank * accum + m))
-            with gradient_sync(trainable.model, env, sync=m == accum - 1):
-                with torch.autocast(
-                    env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-                ):
-                    logits = trainable.model(ids, masks) if masks is not None else trainable.model(ids)
-                loss = next_token_loss(logits, ids) / accum
-                loss.backward()
-            lm_loss_sum += loss.item()
 
-        lag_loss, lag_parts, target = torch.zeros(()), {}, {}
-        if l0 is not None:
-            target = warmed_up_target(l0.target_sparsity(), step, warmup_steps)
-            lag_loss, lag_parts = lagrangian(l0.expected_sparsity(), target)
-            lag_loss.backward()
-            average_gradients([*l0.parameters(), *lagrangian.parameters()], env)
-        grad_norm = _clip(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-
-        # --- logging --------------------------------------------------------------------------
-        (lm_loss,) = all_reduce_sum([lm_loss_sum / env.world_size], env)
-        elapsed = time.perf_counter() - t0
-        record = {
-            "step": step + 1,
-            "tokens": tokens_seen,
-            "loss": lm_loss + float(lag_loss.detach()),
-            "lm_loss": lm_loss,
-            "lag_loss": float(lag_loss.detach()),
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_step / elapsed,
-        }
-        if l0 is not None:
-            with torch.no_grad():
-                for name, s_hat in l0.expected_sparsity().items():
-                    record[f"expected_sparsity/{name}"] = s_hat.mean().item()
-                    record[f"target_sparsity/{name}"] = target[name]
-                    record[f"lambda1/{name}"] = lagrangian.lambda1[name].item()
-                    record[f"lambda2/{name}"] = lagrangian.lambda2[name].item()
-                    record[f"lag_loss/{name}"] = lag_parts[name].item()
-                record["expected_params"] = l0.expected_num_params().item()
-        record.update({f"domain_weight/{d}": w for d, w in zip(domains, sampler.weights)})
-
-        # --- 4. evaluation and dynamic batch loading ------------------------------------------
-        if (step + 1) % loop.eval_interval == 0 or step + 1 == loop.steps:
-            eval_masks = l0.deterministic("expected") if l0 is not None else None
-            trainable.model.eval()
-            last_eval = evaluate(eval_masks)
-            trainable.model.train()
-            losses = [last_eval[d] for d in domains]
-            if cfg.data.dynamic:
-                sampler.set_weights(
-                    update_domain_weights(
-                        sampler.weights,
-                        losses,
-                        reference_list,
-                        eta=cfg.data.eta,
-                        smoothing=cfg.data.smoothing,
-                        clip_excess=cfg.data.clip_excess,
-                    )
-                )
-            history.append(
-                {"step": step + 1, "eval_loss": last_eval, "weights": dict(zip(domains, sampler.weights))}
-            )
-            record.update({f"eval_loss/{d}": v for d, v in last_eval.items()})
-            record.update({f"reference_loss/{d}": reference[d] for d in domains})
-        metrics.write(record)
-        bar.update(1)
-        postfix = {"loss": f"{record['lm_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-        if l0 is not None:
-            postfix["params"] = f"{record['expected_params'] / 1e6:.2f}M→{_target_params(l0) / 1e6:.2f}M"
-        bar.set_postfix(postfix)
-
-        # --- 5. checkpoints -------------------------------------------------------------------
-        if (step + 1) % loop.save_interval == 0 or step + 1 == loop.steps:
-            trainer_state = {
-                "step": step + 1,
-                "tokens": tokens_seen,
-                "world_size": env.world_size,
-                "global_batch_size": loop.global_batch_size,
-                "sampler": sampler.state_dict(),
-                "history": history,
-                "reference_losses": reference,
-                "domains": domains,
-            }
-            ckpt.save_checkpoint(
-                run_dir, step + 1, trainable, optimizer, trainer_state, loop.keep_checkpoints
-            )
-    bar.close()
-    metrics.close()
-
-    final_weights = dict(zip(domains, sampler.weights))
-    if l0 is not None:
-        final = l0.deterministic("target")
-        assert_same_on_all_ranks({n: getattr(final, n) for n in final.names()}, env)
-        if env.is_main:
-            save_final_masks(run_dir, l0)
+def _load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[CausalLM, PreparedData, Path]:
+    """The model to train (made first when the config says how), its prepared data and its path."""
+    spec = cfg.source_spec
+    if isinstance(cfg, PruneConfig) and cfg.source_init is not None and env.is_main:
+        ensure_source(cfg.source_init, spec)
     barrier(env)
-    return RunResult(
-        run_dir=run_dir,
-        steps=loop.steps,
-        final_loss=record.get("lm_loss", math.nan),
-        eval_losses=last_eval,
-        domain_weights=final_weights,
+    source = load_source(spec, device=env.device)
+    if env.is_main:
+        ensure_prepared(cfg.data.path, cfg.data.auto_prepare, source.tokenizer, spec)
+    barrier(env)
+    data = PreparedData.open(cfg.data.path, verify=cfg.data.verify)
+    data.check_tokenizer(source.tokenizer)
+    if cfg.data.seq_len is not None and cfg.data.seq_len != data.seq_len:
+        raise UserError(
+            f"data.seq_len is {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len {data.seq_len}"
+        )
+    return source.model.train(), data, source.path
+
+
+def _sampler(
+    cfg: PruneConfig | TrainConfig, data: PreparedData, previous: dict[str, Any]
+) -> DomainMixtureSampler:
+    """The domain sampler with its initial weights: given, carried from pruning, or by size."""
+    domains = data.domains
+    if cfg.data.initial_weights is not None:
+        weights = weights_by_domain(cfg.data.initial_weights, domains, "data.initial_weights")
+    elif previous.get("domain_weights") and set(previous["domain_weights"]) == set(domains):
+        weights = weights_by_domain(previous["domain_weights"], domains, "the pruning run's final weights")
+    else:
+        weights = weights_proportional_to([data.num_tokens(d, "train") for d in domains])
+    sizes = [data.num_sequences(d, "train") for d in domains]
+    return DomainMixtureSampler(domains, sizes, weights, cfg.train.seed)
+
+
+def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) -> None:
+    """Load the newest checkpoint into `state`, or measure the reference losses of a new run."""
+    checkpoints = ckpt.list_checkpoints(state.files.path) if resume else []
+    if resume and not checkpoints:
+        raise UserError(f"--resume: {state.files.path} has no complete checkpoint to resume from")
+    if not checkpoints:
+        reference = read_reference_losses(state.cfg.data.reference_losses, state.domains, previous)
+        # `source`: the model's own loss before any training, unmasked
+        state.reference = reference if reference is not None else state.evaluate(None)
+        return
+    saved = ckpt.load_checkpoint(checkpoints[-1], state.trainable, state.optimizer)
+    batch = state.cfg.train.global_batch_size
+    if saved["global_batch_size"] != batch:
+        raise UserError(
+            f"the checkpoint was trained with global_batch_size {saved['global_batch_size']}; "
+            f"resume with the same value (got {batch})"
+        )
+    state.sampler.load_state_dict(saved["sampler"])
+    state.step, state.tokens, state.history = saved["step"], saved["tokens"], saved["history"]
+    state.reference, state.resumed = saved["reference_losses"], True
+
+
+# --- 2. one step -----------------------------------------------------------------------------------
+
+
+def train_step(state: RunState, step: int) -> dict[str, Any]:
+    """One optimizer step (0-based `step`) over this rank's share of the global batch; its record."""
+    cfg, env, l0 = state.cfg, state.env, state.l0
+    loop, accum = cfg.train, state.accumulation_steps
+    t0 = time.perf_counter()
+    set_learning_rates(
+        state.optimizer, lr_multiplier(step, loop.steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
     )
+    items = rank_slice(state.sampler.next_global_batch(loop.global_batch_size), env.rank, env.world_size)
+    lm_loss_sum = 0.0
+    for m in range(accum):
+        micro = items[m * loop.micro_batch_size : (m + 1) * loop.micro_batch_size]
+        ids = _gather(state.data, micro).to(env.device)  # (micro_batch, seq_len)
+        masks = None
+        if l0 is not None:
+            l0.clamp_()
+            masks = l0.sample(mask_generator(loop.seed, step, env.rank * accum + m))
+        with gradient_sync(state.trainable.model, env, sync=m == accum - 1):
+            loss = _micro_batch_loss(state, ids, masks) / accum
+            loss.backward()
+        lm_loss_sum += loss.item()
+    lag_loss, lag_parts, target = _lagrangian_backward(state, step)
+    grad_norm = _clip(state.model, cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    tokens_per_step = loop.global_batch_size * state.data.seq_len
+    state.tokens += tokens_per_step
+    state.step = step + 1
+    (lm_loss,) = all_reduce_sum([lm_loss_sum / env.world_size], env)
+    record = {
+        "step": step + 1,
+        "tokens": state.tokens,
+        "loss": lm_loss + float(lag_loss.detach()),
+        "lm_loss": lm_loss,
+        "lag_loss": float(lag_loss.detach()),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+    }
+    if l0 is not None:
+        record.update(_mask_record(state, target, lag_parts))
+    record.update({rf.metric(rf.DOMAIN_WEIGHT, d): w for d, w in zip(state.domains, state.sampler.weights)})
+    return record
 
 
-def _gather(data, domains: list[str], items: list[tuple[int, int]]) -> torch.Tensor:
+def _micro_batch_loss(state: RunState, ids: torch.Tensor, masks: Masks | None) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch (B, T) under `masks`."""
+    dtype = state.autocast_dtype
+    with torch.autocast(state.env.device.type, dtype=dtype, enabled=dtype is not None):
+        model = state.trainable.model
+        logits = model(ids, masks) if masks is not None else model(ids)
+    return next_token_loss(logits, ids)
+
+
+def _lagrangian_backward(
+    state: RunState, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """Backward of the Lagrangian term (pruning only): (its value, its parts, the warmed-up targets)."""
+    l0, lagrangian = state.l0, state.lagrangian
+    if l0 is None:
+        return torch.zeros(()), {}, {}
+    warmup_steps = round(state.cfg.pruning.lagrangian_warmup_fraction * state.cfg.train.steps)
+    target = warmed_up_target(l0.target_sparsity(), step, warmup_steps)
+    lag_loss, lag_parts = lagrangian(l0.expected_sparsity(), target)
+    lag_loss.backward()
+    average_gradients([*l0.parameters(), *lagrangian.parameters()], state.env)
+    return lag_loss, lag_parts, target
+
+
+@torch.no_grad()
+def _mask_record(
+    state: RunState, target: dict[str, float], lag_parts: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Sparsity, multipliers and expected parameters after the step (pruning runs)."""
+    l0, lagrangian = state.l0, state.lagrangian
+    record: dict[str, Any] = {}
+    for name, s_hat in l0.expected_sparsity().items():
+        record[rf.metric(rf.EXPECTED_SPARSITY, name)] = s_hat.mean().item()
+        record[rf.metric(rf.TARGET_SPARSITY, name)] = target[name]
+        record[rf.metric(rf.LAMBDA1, name)] = lagrangian.lambda1[name].item()
+        record[rf.metric(rf.LAMBDA2, name)] = lagrangian.lambda2[name].item()
+        record[rf.metric(rf.LAG_LOSS, name)] = lag_parts[name].item()
+    record["expected_params"] = l0.expected_num_params().item()
+    return record
+
+
+def _gather(data: PreparedData, items: list[tuple[int, int]]) -> torch.Tensor:
     """Token ids (len(items), seq_len) of (domain index, sequence index) pairs, in order."""
-    rows = [data.sequences(domains[d], "train", [i]) for d, i in items]
+    rows = [data.sequences(data.domains[d], "train", [i]) for d, i in items]
     return torch.cat(rows, dim=0)
 
 
@@ -350,45 +379,91 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def _target_params(l0: L0Module) -> float:
-    from sheared.model.args import parameter_counts
-
-    return parameter_counts(l0.target.model_args(l0.source))["num_params"]
-
-
-def _previous_run_state(model_path: Path) -> dict[str, Any]:
-    """The previous run's domain weights and reference losses, kept next to an exported model."""
-    path = model_path / RUN_STATE_FILE if model_path.is_dir() else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+def _progress_line(state: RunState, record: dict[str, Any]) -> dict[str, str]:
+    line = {"loss": f"{record['lm_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if state.l0 is not None:
+        target = parameter_counts(state.l0.target.model_args(state.l0.source))["num_params"]
+        line["params"] = f"{record['expected_params'] / 1e6:.2f}M→{target / 1e6:.2f}M"
+    return line
 
 
-def save_final_masks(run_dir: Path, l0: L0Module) -> Path:
-    """Write the final exact-target masks: tensors (`masks.pt`) and a readable summary (`masks.json`).
+# --- 3. evaluation and dynamic batch loading ------------------------------------------------------
 
-    `masks.pt` holds `{"masks": {name: binary tensor}, "log_alpha": {name: tensor}, "target": {...},
-    "source": {...}}`; `masks.json` lists the kept layers, per kept layer its KV heads, query heads
-    and intermediate size, and the kept hidden size, plus the expected-vs-target gap.
-    """
-    out = run_dir / MASKS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    masks = l0.deterministic("target")
-    tensors = {name: getattr(masks, name).cpu() for name in masks.names()}
-    torch.save(
-        {
-            "masks": tensors,
-            "log_alpha": {k: v.detach().cpu() for k, v in l0.log_alpha.items()},
-            "target": vars(l0.target),
-            "source": vars(l0.source),
-        },
-        out / MASKS_FILE,
+
+def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
+    """Per-domain eval loss after the current step, then the DBL update of the domain weights."""
+    data_cfg, domains = state.cfg.data, state.domains
+    eval_masks = state.l0.deterministic("expected") if state.l0 is not None else None
+    state.trainable.model.eval()
+    losses = state.evaluate(eval_masks)
+    state.trainable.model.train()
+    if data_cfg.dynamic:
+        state.sampler.set_weights(
+            update_domain_weights(
+                state.sampler.weights,
+                [losses[d] for d in domains],
+                [state.reference[d] for d in domains],
+                eta=data_cfg.eta,
+                smoothing=data_cfg.smoothing,
+                clip_excess=data_cfg.clip_excess,
+            )
+        )
+    state.history.append(
+        {"step": state.step, "eval_loss": losses, "weights": dict(zip(domains, state.sampler.weights))}
     )
+    record = {rf.metric(rf.EVAL_LOSS, d): v for d, v in losses.items()}
+    record.update({rf.metric(rf.REFERENCE_LOSS, d): state.reference[d] for d in domains})
+    return record
+
+
+# --- 4. saving -------------------------------------------------------------------------------------
+
+
+def save(state: RunState) -> Path:
+    """A checkpoint of the state after the current step (every rank calls this)."""
+    trainer_state = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "world_size": state.env.world_size,
+        "global_batch_size": state.cfg.train.global_batch_size,
+        "sampler": state.sampler.state_dict(),
+        "history": state.history,
+        "reference_losses": state.reference,
+        "domains": state.domains,
+    }
+    return ckpt.save_checkpoint(
+        state.files.path,
+        state.step,
+        state.trainable,
+        state.optimizer,
+        trainer_state,
+        state.cfg.train.keep_checkpoints,
+    )
+
+
+def save_masks(state: RunState) -> None:
+    """The final exact-target masks, checked identical on every rank, written by rank 0."""
+    l0 = state.l0
+    final = l0.deterministic("target")
+    tensors = {name: getattr(final, name) for name in final.names()}
+    assert_same_on_all_ranks(tensors, state.env)
+    if not state.env.is_main:
+        return
     with torch.no_grad():
         gap = {
             name: float(s.mean() - l0.specs[name].target_sparsity)
             for name, s in l0.expected_sparsity().items()
         }
-    summary = kept_structure(l0.source, masks).summary()
+    summary = kept_structure(l0.source, final).summary()
     summary["expected_minus_target_sparsity"] = gap
     summary["target"] = vars(l0.target)
-    (out / MASKS_SUMMARY).write_text(json.dumps(summary, indent=1))
-    return out
+    rf.save_final_masks(
+        state.files.path,
+        tensors,
+        {
+            "log_alpha": dict(l0.log_alpha.items()),
+            "target": vars(l0.target),
+            "source": vars(l0.source),
+            "summary": summary,
+        },
+    )

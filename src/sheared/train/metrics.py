@@ -7,8 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from sheared.train.run_files import RunDir
 
 
 def _clean(value: Any) -> Any:
@@ -29,7 +28,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
-        self.path = Path(run_dir) / METRICS_FILE
+        files = RunDir(run_dir)
+        self.path = files.metrics
         self._tb = None
         if not enabled:
             return
@@ -44,7 +44,7 @@ class MetricsWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step)
+            self._tb = SummaryWriter(str(files.tensorboard), purge_step=resume_step)
         except ImportError:  # tensorboard is optional
             self._tb = None
 
@@ -65,9 +65,3 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

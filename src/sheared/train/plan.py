@@ -14,8 +14,10 @@ import torch
 
 from sheared.errors import UserError
 from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_config
+from sheared.model.args import describe
 from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE
 
 
 def _source_args(spec: str, fallback_config: str | None, init) -> tuple[ModelArgs, str]:
@@ -30,14 +32,6 @@ def _source_args(spec: str, fallback_config: str | None, init) -> tuple[ModelArg
         if init is not None:
             return None, f"{spec} (to be created: random {init.family} model)"
         raise
-
-
-def _shape(args: ModelArgs) -> str:
-    return (
-        f"{args.num_hidden_layers} layers / hidden {args.hidden_size} / {args.num_attention_heads} heads / "
-        f"{args.num_key_value_heads} KV heads / head_dim {args.head_dim} / intermediate {args.intermediate_size} / "
-        f"vocab {args.vocab_size} / {'tied' if args.tie_word_embeddings else 'untied'}"
-    )
 
 
 def _meta_counts(args: ModelArgs) -> tuple[int, int]:
@@ -103,35 +97,27 @@ def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None]:
     return [f"data: {path} (missing; run `sheared data prepare` before training)"], seq_len_hint
 
 
-def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
+def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> str:
     """The plan of a run as printable text; raises UserError for anything invalid."""
     pruning = isinstance(cfg, PruneConfig)
     loop = cfg.train
-    spec = cfg.source if pruning else cfg.model
-    fallback = cfg.source_config if pruning else cfg.model_config
-    args, where = _source_args(spec, fallback, getattr(cfg, "source_init", None))
+    args, where = _source_args(cfg.source_spec, cfg.shape_config, getattr(cfg, "source_init", None))
     lines = [f"{'prune' if pruning else 'train'} plan", f"{'source' if pruning else 'model'}: {where}"]
     if args is None:  # a source_init model: its vocabulary comes from the tokenizer
         init = cfg.source_init
-        lines.append(
-            f"  random {init.family}: {init.num_hidden_layers} layers / hidden {init.hidden_size} / "
-            f"{init.num_attention_heads} heads / {init.num_key_value_heads} KV heads, tokenizer of {init.tokenizer}"
-        )
+        lines.append(f"  random {init.family}: {describe(init)}, tokenizer of {init.tokenizer}")
     else:
         total, prunable = _meta_counts(args)
         counts = parameter_counts(args)
         assert total == counts["num_params"]
         lines += [
-            f"  shape: {_shape(args)}",
+            f"  shape: {describe(args, detail=True)}",
             f"  parameters: {total:,} total, {counts['num_params_non_embedding']:,} non-embedding, "
             f"{prunable:,} prunable (attention + MLP)",
         ]
     if pruning:
         target = cfg.pruning.target
-        lines.append(
-            f"target: {target.num_hidden_layers} layers / hidden {target.hidden_size} / {target.num_attention_heads} heads / "
-            f"{target.num_key_value_heads} KV heads / intermediate {target.intermediate_size}"
-        )
+        lines.append(f"target: {describe(target)}")
         if args is not None:
             specs = mask_specs(args, target)
             t_counts = parameter_counts(target.model_args(args))
@@ -148,13 +134,7 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
     data_lines, seq_len = _data_lines(cfg, cfg.data.seq_len)
     lines += data_lines
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank = loop.global_batch_size // world
-    if loop.global_batch_size % (loop.micro_batch_size * world):
-        raise UserError(
-            f"train.global_batch_size ({loop.global_batch_size}) must be a multiple of micro_batch_size "
-            f"({loop.micro_batch_size}) × ranks ({world})"
-        )
-    accum = per_rank // loop.micro_batch_size
+    accum = loop.accumulation_steps(world)
     if pruning and args is not None:
         lines.append(
             pruning_overhead(
@@ -179,7 +159,8 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path) -> str:
         ),
         f"dynamic batch loading: {'every ' + str(loop.eval_interval) + ' steps' if cfg.data.dynamic else 'off'}; "
         f"reference losses: {cfg.data.reference_losses if isinstance(cfg.data.reference_losses, str) else 'explicit'}",
-        f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/ every {loop.save_interval} steps, "
-        f"newest {loop.keep_checkpoints} kept{', masks/ at the end' if pruning else ''})",
+        f"run directory: {run_dir if run_dir is not None else '(give --run-dir to run)'} ({CONFIG_FILE}, "
+        f"{METRICS_FILE}, {CHECKPOINT_DIR}/ every {loop.save_interval} steps, newest {loop.keep_checkpoints} kept"
+        f"{', ' + MASKS_DIR + '/ at the end' if pruning else ''})",
     ]
     return "\n".join(lines)

@@ -13,8 +13,10 @@ import torch
 import yaml
 
 from sheared.errors import UserError
-from sheared.eval.report import layer_grid, load_run, series, smooth, write_report
 from sheared.model.args import ModelArgs
+from sheared.report import load_run, write_report
+from sheared.report.figures import layer_grid
+from sheared.report.run import series, smooth
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DOMAINS = ("a", "b")

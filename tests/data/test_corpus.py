@@ -12,10 +12,6 @@ import pytest
 from sheared.data.corpus import (
     DOMAINS,
     MIN_DOCUMENT_CHARS,
-    R_COMPRESS_BZIP2,
-    R_COMPRESS_XZ,
-    R_COMPRESS_ZLIB,
-    _decompress_lazyload_blob,
     build_sample_corpus,
     clean_text,
     decode_dictd_number,
@@ -28,6 +24,12 @@ from sheared.data.corpus import (
     split_novel_chapters,
     split_pod_faq,
     split_rst_sections,
+)
+from sheared.data.corpus.sources import (
+    R_COMPRESS_BZIP2,
+    R_COMPRESS_XZ,
+    R_COMPRESS_ZLIB,
+    _decompress_lazyload_blob,
 )
 from sheared.errors import UserError
 

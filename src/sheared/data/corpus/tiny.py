@@ -10,13 +10,14 @@ the sample corpus (`text` and `source` per record); cached like it.
 from __future__ import annotations
 
 import json
-import os
 import sysconfig
 from pathlib import Path
 
+from sheared.data.corpus.builder import MIN_DOCUMENT_CHARS
+from sheared.files import atomic_write_lines
+
 TINY_DOMAINS = ("code", "docs")
 CODE_PACKAGES = ("json", "email", "logging", "asyncio", "importlib", "unittest")  # real, varied code
-MIN_DOCUMENT_CHARS = 200  # as in the sample corpus
 
 
 def _code_documents() -> list[dict[str, str]]:
@@ -54,14 +55,7 @@ def build_tiny_corpus(out_dir: str | Path) -> dict[str, int]:
     for domain, build in (("code", _code_documents), ("docs", _docs_documents)):
         path = out / f"{domain}.jsonl"
         if not path.is_file():
-            records = build()
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write_lines(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in build()))
         with open(path, encoding="utf-8") as f:
             counts[domain] = sum(1 for _ in f)
     return counts

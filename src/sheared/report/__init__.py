@@ -1,0 +1,10 @@
+"""Reports of run directories: what a run logged, as figures and a markdown summary.
+
+Above `train/` (it reads the run-directory layout from `sheared.train.run_files`); nothing below
+imports it.
+"""
+
+from sheared.report.run import RunData, load_run
+from sheared.report.summary import write_report
+
+__all__ = ["RunData", "load_run", "write_report"]

@@ -1,0 +1,216 @@
+"""What a report reads from a run directory (nothing is recomputed, nothing needs the model).
+
+- `config.yaml`: a prune config has `pruning:` (target shape) and `source:`; a train config `model:`;
+- `metrics.jsonl`: one JSON object per step (keys in `sheared.train.run_files`);
+- `masks/masks.pt` (finished pruning runs): the exact-target binary masks and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from sheared.errors import UserError
+from sheared.pruning.target import MASK_TYPES
+from sheared.train.run_files import (
+    CONFIG_FILE,
+    DOMAIN_WEIGHT,
+    EVAL_LOSS,
+    EXPECTED_SPARSITY,
+    MASKS_DIR,
+    MASKS_FILE,
+    METRICS_FILE,
+    RunDir,
+    load_masks,
+)
+
+# The smoothed training-loss line is an exponential moving average over about this fraction of
+# the run (TensorBoard-style, bias-corrected), so its lag looks the same for 200 or 50,000 steps.
+SMOOTHING_FRACTION = 1 / 25
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything the report reads from one run directory."""
+
+    run_dir: Path
+    """The run directory."""
+    records: list[dict[str, Any]]
+    """metrics.jsonl, one dict per step, in order."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved config.yaml ({} when missing)."""
+    masks: dict[str, Any] | None = None
+    """masks/masks.pt ({"masks", "log_alpha", "target", "source"}), None when not (yet) written."""
+    notes: list[str] = field(default_factory=list)
+    """Things found missing or odd while loading, repeated in summary.md."""
+
+    @property
+    def pruning(self) -> bool:
+        """A `sheared prune` run (its config has `pruning:`, or its metrics log sparsity)."""
+        return "pruning" in self.config or bool(self.mask_names)
+
+    @property
+    def domains(self) -> list[str]:
+        """Domains in the order the run logs them."""
+        return _suffixes(self.records, DOMAIN_WEIGHT, EVAL_LOSS)
+
+    @property
+    def mask_names(self) -> list[str]:
+        """Mask types the run learns, in MASK_TYPES order."""
+        names = _suffixes(self.records, EXPECTED_SPARSITY)
+        order = {name: i for i, name in enumerate(MASK_TYPES)}
+        return sorted(names, key=lambda n: order.get(n, len(order)))
+
+    @property
+    def eval_records(self) -> list[dict[str, Any]]:
+        """Records of the evaluation steps."""
+        return [r for r in self.records if any(k.startswith(EVAL_LOSS) for k in r)]
+
+
+def _suffixes(records: list[dict[str, Any]], *prefixes: str) -> list[str]:
+    """`x` of every key `prefix + x`, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    seen.setdefault(key[len(prefix) :], None)
+    return list(seen)
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a metrics.jsonl, and notes.
+
+    A half-written last line (a run writing while we read) is skipped with a note; any other line
+    that is not a JSON object is a UserError naming it.
+    """
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, notes = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError
+        except ValueError:
+            if i == last:
+                notes.append(
+                    f"the last line of {METRICS_FILE} is incomplete (the run is writing it); skipped"
+                )
+                continue
+            raise UserError(
+                f"{path} line {i + 1} is not a metrics record (a JSON object with 'step')"
+            ) from None
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} has no records yet; run the report after the first step")
+    return records, notes
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory (config, metrics, final masks) into a RunData."""
+    files = RunDir(run_dir)
+    if not files.metrics.is_file():
+        raise UserError(f"{files.path} has no {METRICS_FILE}; is it a run directory?")
+    records, notes = read_records(files.metrics)
+    config: dict[str, Any] = {}
+    if files.config.is_file():
+        try:
+            config = yaml.safe_load(files.config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{files.config} is not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        notes.append(f"{CONFIG_FILE} not found; the run type is inferred from the metrics")
+    masks = None
+    try:
+        masks = load_masks(files.path)
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. caught while the run writes it
+        notes.append(f"{MASKS_DIR}/{MASKS_FILE} cannot be read ({type(e).__name__}); read as missing")
+    return RunData(run_dir=files.path, records=records, config=config, masks=masks, notes=notes)
+
+
+# --- small pure helpers --------------------------------------------------------------------------
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that have `key`; "nan"/"inf" strings become floats."""
+    pairs = [(r["step"], float(r[key])) for r in records if key in r and r[key] is not None]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pairs)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def smooth(values: np.ndarray, window: float) -> np.ndarray:
+    """Bias-corrected exponential moving average over about `window` points; skips non-finite values.
+
+    Args:
+        values: (N,) float.
+        window: the EMA's span; 1 returns the values unchanged.
+
+    Returns:
+        (N,) float; NaN until the first finite value.
+    """
+    decay = 1.0 - 1.0 / max(window, 1.0)
+    out = np.full(len(values), np.nan)
+    mean, weight = 0.0, 0.0
+    for i, v in enumerate(values):
+        if math.isfinite(v):
+            mean = decay * mean + (1 - decay) * v
+            weight = decay * weight + (1 - decay)
+        if weight > 0:
+            out[i] = mean / weight
+    return out
+
+
+def smoothing_window(num_points: int) -> float:
+    return max(1.0, num_points * SMOOTHING_FRACTION)
+
+
+def last_value(records: list[dict[str, Any]], key: str) -> float | None:
+    for record in reversed(records):
+        if key in record and record[key] is not None:
+            return float(record[key])
+    return None
+
+
+def fmt(value: float | None, digits: int = 4, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+# Units of parameter counts: (scale, suffix, digits shown).
+COUNT_UNITS = ((1e9, "B", 2), (1e6, "M", 3), (1e3, "K", 1), (1.0, "", 0))
+
+
+def unit(n: float) -> tuple[float, str, int]:
+    return next(u for u in COUNT_UNITS if abs(n) >= u[0] or u[0] == 1.0)
+
+
+def count(n: float) -> str:
+    """A parameter count for people: 1.19 B, 2.370 M, 3.0 K."""
+    scale, suffix, digits = unit(n)
+    return f"{n / scale:.{digits}f} {suffix}".rstrip()
+
+
+def target_num_params(masks: dict[str, Any] | None) -> float | None:
+    """Parameters of the target shape (from masks.pt's source args and target), or None."""
+    if masks is None:
+        return None
+    from sheared.model.args import ModelArgs, parameter_counts
+    from sheared.pruning.target import TargetShape
+
+    source = ModelArgs(**masks["source"])
+    return float(parameter_counts(TargetShape(**masks["target"]).model_args(source))["num_params"])
