@@ -48,3 +48,13 @@ def test_running_without_run_dir_is_one_line(capsys):
     assert main(["prune", "--config", "configs/tiny/prune.yaml"]) == 2
     err = capsys.readouterr().err
     assert "--run-dir is required" in err and err.count("\n") == 1
+
+
+def test_precision_values(capsys):
+    base = ["prune", "--config", "configs/llama2-7b/prune-1.3b.yaml", "--dry-run"]
+    assert main([*base, "train.precision=bf16"]) == 0
+    assert "precision bf16" in capsys.readouterr().out
+    # `bf16-autocast` was accepted once and silently trained in fp32; it is refused now
+    assert main([*base, "train.precision=bf16-autocast"]) == 2
+    err = capsys.readouterr().err
+    assert "'bf16-autocast' is not one of" in err and err.count("\n") == 1
