@@ -146,3 +146,25 @@ def test_resume_on_another_number_of_ranks(single, tmp_path):
         progress=False,
     )
     _compare(run_dir, tmp_path / "run", cfg)
+
+
+def test_oneshot_scores_and_masks_equal_on_1_and_2_processes(tiny_assets, tmp_path):
+    """Each rank calibrates its share (7 sequences per domain: uneven shares, padded); the float64 sums
+    are all-reduced, so the scores are bit-identical to one process and the masks equal."""
+    overrides = [
+        f"source={tiny_assets / 'source'}",
+        f"data.path={tiny_assets / 'prepared'}",
+        "data.auto_prepare=null",
+        "pruning.method=activation",
+        "pruning.calibration=7",
+        "data.max_eval_sequences=2",
+    ]
+    _launch(1, tmp_path / "one", overrides)
+    _launch(2, tmp_path / "two", overrides)
+    a = torch.load(tmp_path / "one" / "scores.pt", weights_only=True)["scores"]
+    b = torch.load(tmp_path / "two" / "scores.pt", weights_only=True)["scores"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ma = torch.load(tmp_path / "one" / "masks" / "masks.pt", weights_only=True)["masks"]
+    mb = torch.load(tmp_path / "two" / "masks" / "masks.pt", weights_only=True)["masks"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

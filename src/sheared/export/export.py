@@ -27,7 +27,7 @@ from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.train.checkpoint import TRAINER_STATE, Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir
+from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir, load_masks, read_final_state
 
 REPORT_FILE = "export_report.json"
 VERIFY_ATOL = 1e-4  # max |logit difference| between the reloaded export and our model (SPEC §6); float64
@@ -45,7 +45,8 @@ class RunCheckpoint:
 
     run_dir: Path
     config: PruneConfig | TrainConfig
-    checkpoint: Path
+    checkpoint: Path | None
+    """None for a one-shot pruning run (its masks and final state stand in for a checkpoint)."""
 
 
 def resolve_run(path: str | Path) -> RunCheckpoint:
@@ -55,9 +56,10 @@ def resolve_run(path: str | Path) -> RunCheckpoint:
         checkpoint, run_dir = p, p.parent.parent
     elif RunDir(p).is_run():
         found = list_checkpoints(p)
-        if not found:
+        one_shot = read_final_state(p) is not None and RunDir(p).masks.is_file()
+        if not found and not one_shot:
             raise UserError(f"run {p} has no complete checkpoint yet; nothing to export")
-        checkpoint, run_dir = found[-1], p
+        checkpoint, run_dir = (found[-1] if found else None), p
     else:
         raise UserError(f"{p} is neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE})")
     data = read_yaml(RunDir(run_dir).config)
@@ -191,6 +193,37 @@ def _shape(args) -> dict[str, Any]:
     return {"model_type": args.family, **{k: getattr(args, k) for k in _SHAPE_FIELDS[1:]}}
 
 
+def _trained_weights_and_masks(
+    run: RunCheckpoint, model: CausalLM
+) -> tuple[Masks | None, dict[str, Any], dict]:
+    """Load the run's weights into `model` (the source): its exact-target masks (pruning runs),
+    its state (domains, weights, reference losses, step, tokens) and the masks' distance to the target."""
+    cfg = run.config
+    if run.checkpoint is None:  # one-shot: the source's own weights under the selected masks
+        masks = Masks(**load_masks(run.run_dir)["masks"])
+        return masks, read_final_state(run.run_dir), {}
+    l0 = lagrangian = None
+    if isinstance(cfg, PruneConfig):
+        l0 = L0Module(model.args, cfg.pruning.target)
+        lagrangian = LagrangianConstraint(l0.specs)
+    saved = load_module_weights(run.checkpoint, Trainable(model, l0, lagrangian))
+    state = {k: saved[k] for k in ("step", "tokens", "reference_losses")}
+    state["domain_weights"] = dict(zip(saved["domains"], saved["sampler"]["weights"]))
+    if l0 is None:
+        return None, state, {}
+    with torch.no_grad():
+        gap = {n: float(s.mean()) - l0.specs[n].target_sparsity for n, s in l0.expected_sparsity().items()}
+    far = {n: g for n, g in gap.items() if abs(g) > FAR_FROM_TARGET}
+    if far:
+        listed = ", ".join(f"{n} {g:+.3f}" for n, g in far.items())
+        print(
+            f"warning: the masks are still far from the target (expected minus target sparsity: {listed}); "
+            "the export keeps the exact target counts, but the model was not trained at that size",
+            file=sys.stderr,
+        )
+    return l0.deterministic("target"), state, gap
+
+
 def export_run(
     path: str | Path,
     out_dir: str | Path,
@@ -210,36 +243,15 @@ def export_run(
     check_output_dir(out, force, source.path, run.run_dir)
 
     model = source.model
-    l0 = lagrangian = None
-    if pruning:
-        l0 = L0Module(model.args, cfg.pruning.target)
-        lagrangian = LagrangianConstraint(l0.specs)
-    trainer_state = load_module_weights(run.checkpoint, Trainable(model, l0, lagrangian))
-
-    masks, gap = None, {}
-    if l0 is not None:
-        masks = l0.deterministic("target")
-        with torch.no_grad():
-            gap = {
-                n: float(s.mean()) - l0.specs[n].target_sparsity for n, s in l0.expected_sparsity().items()
-            }
-        far = {n: g for n, g in gap.items() if abs(g) > FAR_FROM_TARGET}
-        if far:
-            listed = ", ".join(f"{n} {g:+.3f}" for n, g in far.items())
-            print(
-                f"warning: the masks are still far from the target (expected minus target sparsity: {listed}); "
-                "the export keeps the exact target counts, but the model was not trained at that size",
-                file=sys.stderr,
-            )
-
+    masks, trainer_state, gap = _trained_weights_and_masks(run, model)
     if out.exists() and force:
         shutil.rmtree(out)
     run_state = {
-        "domain_weights": dict(zip(trainer_state["domains"], trainer_state["sampler"]["weights"])),
+        "domain_weights": trainer_state["domain_weights"],
         "reference_losses": trainer_state["reference_losses"],
         "source": str(source.path),
         "run_dir": str(run.run_dir),
-        "checkpoint": str(run.checkpoint),
+        "checkpoint": str(run.checkpoint) if run.checkpoint else None,
         "step": trainer_state["step"],
         "tokens": trainer_state["tokens"],
     }
@@ -256,14 +268,14 @@ def export_run(
     report.update(
         {
             "run_dir": str(run.run_dir),
-            "checkpoint": str(run.checkpoint),
+            "checkpoint": str(run.checkpoint) if run.checkpoint else None,
             "step": trainer_state["step"],
             "tokens_trained": trainer_state["tokens"],
             "source": str(source.path),
             "expected_minus_target_sparsity": gap,
         }
     )
-    if l0 is not None:
+    if masks is not None:
         binary = {n: getattr(masks, n) for n in masks.names()}
         from sheared.pruning.params import expected_num_params
 
@@ -277,7 +289,12 @@ def model_card(report: dict[str, Any], cfg, pruning: bool, run_path: str, out_di
     """A short model card: what the model is, its shape and parameters, how it was made."""
     shape = report["exported_shape"]
     src = report["source_shape"]
-    made = "pruning with learned structured masks (Sheared LLaMA)" if pruning else "continued pretraining"
+    if not pruning:
+        made = "continued pretraining"
+    elif cfg.pruning.one_shot:
+        made = f"one-shot structured pruning ({cfg.pruning.method} importance)"
+    else:
+        made = "pruning with learned structured masks (Sheared LLaMA)"
     lines = [
         f"# {Path(out_dir).name}",
         "",

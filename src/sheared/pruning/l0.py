@@ -15,6 +15,7 @@ from torch import nn
 from sheared.model.args import ModelArgs
 from sheared.model.masks import Masks
 from sheared.pruning import hard_concrete as hc
+from sheared.pruning.importance import initial_log_alpha
 from sheared.pruning.params import expected_num_params
 from sheared.pruning.target import MaskSpec, TargetShape, mask_specs
 
@@ -46,6 +47,12 @@ class L0Module(nn.Module):
         for p in self.log_alpha.values():
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
             p.copy_(hc.LOG_ALPHA_INIT_MEAN + hc.LOG_ALPHA_INIT_STD * noise)
+
+    @torch.no_grad()
+    def reset_parameters_from_scores(self, scores: dict[str, torch.Tensor]) -> None:
+        """log_alpha ordered in every row like one-shot `scores` (see `importance.initial_log_alpha`)."""
+        for name, p in self.log_alpha.items():
+            p.copy_(initial_log_alpha(scores[name], self.specs[name].target_kept).to(p.device))
 
     @torch.no_grad()
     def clamp_(self) -> None:

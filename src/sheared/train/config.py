@@ -85,10 +85,25 @@ class OptimConfig:
 
 @dataclass
 class PruningConfig:
-    """The target shape and the optimisation of masks and Lagrange multipliers."""
+    """The target shape, how masks are found (learned or one-shot), and the mask/multiplier optimisation."""
 
     target: TargetShape
     """Exact shape of the pruned model."""
+    method: Literal["l0", "activation", "magnitude", "random"] = "l0"
+    """`l0`: learned hard-concrete masks trained with the model (Sheared LLaMA); one-shot, no training
+    steps: `activation` (Minitron head/channel/hidden importance, ShortGPT block influence for layers),
+    `magnitude` (weight norms, no data), `random` (seeded; the sanity floor)."""
+    init: Literal["uniform", "activation", "magnitude"] = "uniform"
+    """`l0` only: `uniform` starts every log_alpha at 5 (the paper); a scoring method orders each row's
+    initial log_alpha by that method's ranking (docs/method.md), everything still kept at step 0."""
+    calibration: int = 8
+    """Calibration sequences per domain (from the prepared training split) for activation scores."""
+    width_scores: Literal["full", "after_depth"] = "full"
+    """Activation scores of heads, channels and hidden dims measured on the full model, or after
+    dropping the layers block influence drops (a second calibration pass)."""
+    scores: str | None = None
+    """`scores.pt` of an earlier run on the same source (another target is fine) to use instead of
+    calibrating again."""
     log_alpha_lr: float = 1.0
     """Learning rate of the masks' log_alpha."""
     lambda_lr: float = 1.0
@@ -103,6 +118,26 @@ class PruningConfig:
             raise UserError(
                 f"pruning.lagrangian_warmup_fraction must be in [0, 1], got {self.lagrangian_warmup_fraction}"
             )
+        if self.calibration < 1:
+            raise UserError(
+                f"pruning.calibration must be at least 1 sequence per domain, got {self.calibration}"
+            )
+        if self.method != "l0" and self.init != "uniform":
+            raise UserError(
+                f"pruning.init ({self.init}) applies to method l0 only; method {self.method} is itself one-shot"
+            )
+
+    @property
+    def one_shot(self) -> bool:
+        """Masks from one-shot scores, no training steps."""
+        return self.method != "l0"
+
+    @property
+    def scoring(self) -> str | None:
+        """The scoring method this run needs (one-shot method or l0 init), or None."""
+        if self.one_shot:
+            return self.method
+        return None if self.init == "uniform" else self.init
 
 
 @dataclass

@@ -134,6 +134,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor, env: DistEnv) -> None:
+    """Sum a tensor over ranks in place (it may live on the CPU while the backend is NCCL)."""
+    if not env.distributed:
+        return
+    on_device = t.to(env.device)
+    dist.all_reduce(on_device)
+    t.copy_(on_device.to(t.device))
+
+
 def assert_same_on_all_ranks(tensors: dict[str, torch.Tensor], env: DistEnv) -> None:
     """Check (collectively) that every rank holds the same tensors, e.g. the final masks."""
     if not env.distributed:

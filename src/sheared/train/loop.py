@@ -29,22 +29,19 @@ from sheared.config import save_config
 from sheared.data.dbl import (
     read_reference_losses,
     update_domain_weights,
-    weights_by_domain,
-    weights_proportional_to,
 )
-from sheared.data.prepare import ensure_prepared
 from sheared.data.sampler import DomainMixtureSampler, rank_slice
 from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
 from sheared.eval.domain_loss import domain_losses
 from sheared.eval.lm import next_token_loss
-from sheared.model import CausalLM, Masks, load_source, parameter_counts
-from sheared.model.random_source import ensure_source
+from sheared.model import CausalLM, Masks, parameter_counts
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
 from sheared.pruning.constraint import warmed_up_target
 from sheared.train import checkpoint as ckpt
 from sheared.train import run_files as rf
+from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.checkpoint import Trainable
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import (
@@ -59,18 +56,9 @@ from sheared.train.distributed import (
     wrap_model,
 )
 from sheared.train.metrics import MetricsWriter
+from sheared.train.oneshot import run_oneshot
 from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rates
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports."""
-
-    run_dir: Path
-    steps: int
-    final_loss: float
-    eval_losses: dict[str, float]
-    domain_weights: dict[str, float]
+from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
 
 
 @dataclass
@@ -136,6 +124,8 @@ def run(
     """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`."""
     env = init_distributed(cfg.distributed, cfg.train.device)
     try:
+        if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
+            return run_oneshot(cfg, rf.RunDir(run_dir), env, resume, progress and env.is_main)
         state = set_up(cfg, rf.RunDir(run_dir), env, resume)
         return _train(state, progress and env.is_main)
     finally:
@@ -187,14 +177,16 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resum
         files.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, files.config)
     torch.manual_seed(loop.seed)
-    model, data, model_path = _load_model_and_data(cfg, env)
+    model, data, model_path = load_model_and_data(cfg, env)
     l0 = lagrangian = None
     if pruning:
         l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
+        if cfg.pruning.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
+            _initialise_masks(cfg, l0, model, data, env, files)
         lagrangian = LagrangianConstraint(l0.specs).to(env.device)
     previous = {} if pruning else rf.read_run_state(model_path)
-    sampler = _sampler(cfg, data, previous)
+    sampler = initial_sampler(cfg, data, previous)
     trainable = Trainable(model, l0, lagrangian)
     trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
     optimizer = build_optimizer(
@@ -220,38 +212,15 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resum
     return state
 
 
-def _load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[CausalLM, PreparedData, Path]:
-    """The model to train (made first when the config says how), its prepared data and its path."""
-    spec = cfg.source_spec
-    if isinstance(cfg, PruneConfig) and cfg.source_init is not None and env.is_main:
-        ensure_source(cfg.source_init, spec)
-    barrier(env)
-    source = load_source(spec, device=env.device)
+def _initialise_masks(cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files) -> None:
+    """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt)."""
+    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    scores, info = compute_scores(
+        cfg, model, model.args, data, env, autocast_dtype=autocast, progress=env.is_main
+    )
+    l0.reset_parameters_from_scores(scores)
     if env.is_main:
-        ensure_prepared(cfg.data.path, cfg.data.auto_prepare, source.tokenizer, spec)
-    barrier(env)
-    data = PreparedData.open(cfg.data.path, verify=cfg.data.verify)
-    data.check_tokenizer(source.tokenizer)
-    if cfg.data.seq_len is not None and cfg.data.seq_len != data.seq_len:
-        raise UserError(
-            f"data.seq_len is {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len {data.seq_len}"
-        )
-    return source.model.train(), data, source.path
-
-
-def _sampler(
-    cfg: PruneConfig | TrainConfig, data: PreparedData, previous: dict[str, Any]
-) -> DomainMixtureSampler:
-    """The domain sampler with its initial weights: given, carried from pruning, or by size."""
-    domains = data.domains
-    if cfg.data.initial_weights is not None:
-        weights = weights_by_domain(cfg.data.initial_weights, domains, "data.initial_weights")
-    elif previous.get("domain_weights") and set(previous["domain_weights"]) == set(domains):
-        weights = weights_by_domain(previous["domain_weights"], domains, "the pruning run's final weights")
-    else:
-        weights = weights_proportional_to([data.num_tokens(d, "train") for d in domains])
-    sizes = [data.num_sequences(d, "train") for d in domains]
-    return DomainMixtureSampler(domains, sizes, weights, cfg.train.seed)
+        save_scores(files.scores, scores, model.args, info)
 
 
 def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_con
 from sheared.model.args import describe
 from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE
+from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE, SCORES_FILE
 
 
 def _source_args(spec: str, fallback_config: str | None, init) -> tuple[ModelArgs, str]:
@@ -72,7 +72,8 @@ def pruning_overhead(args: ModelArgs, specs, micro_batch: int, seq_len: int | No
     )
 
 
-def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None]:
+def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None, int | None]:
+    """Lines about the data, its sequence length and its number of domains (None: not known yet)."""
     from sheared.data.tokens import METADATA_FILE, read_metadata
 
     path = Path(cfg.data.path)
@@ -88,13 +89,112 @@ def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None]:
             lines.append(
                 f"  {name:<14} train {split['train']['sequences']:>9,} seq   eval {split['eval']['sequences']:>6,} seq"
             )
-        return lines, meta["seq_len"]
+            _check_calibration(cfg, name, split["train"]["sequences"])
+        return lines, meta["seq_len"], len(meta["domains"])
     if cfg.data.auto_prepare is not None:
         auto = cfg.data.auto_prepare
-        return [
-            f"data: {path} (missing; will be prepared from the {auto.corpus} corpus in {auto.corpus_dir})"
-        ], auto.seq_len
-    return [f"data: {path} (missing; run `sheared data prepare` before training)"], seq_len_hint
+        return (
+            [f"data: {path} (missing; will be prepared from the {auto.corpus} corpus in {auto.corpus_dir})"],
+            auto.seq_len,
+            None,
+        )
+    return [f"data: {path} (missing; run `sheared data prepare` before training)"], seq_len_hint, None
+
+
+def _check_calibration(cfg, domain: str, available: int) -> None:
+    calibrating = (
+        isinstance(cfg, PruneConfig) and cfg.pruning.scoring == "activation" and not cfg.pruning.scores
+    )
+    if calibrating and cfg.pruning.calibration > available:
+        raise UserError(
+            f"pruning.calibration is {cfg.pruning.calibration} sequences per domain but domain {domain!r} has "
+            f"{available} training sequences; choose at most {available}"
+        )
+
+
+def _source_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, where: str) -> list[str]:
+    lines = [f"{'source' if isinstance(cfg, PruneConfig) else 'model'}: {where}"]
+    if args is None:  # a source_init model: its vocabulary comes from the tokenizer
+        init = cfg.source_init
+        return [*lines, f"  random {init.family}: {describe(init)}, tokenizer of {init.tokenizer}"]
+    total, prunable = _meta_counts(args)
+    counts = parameter_counts(args)
+    assert total == counts["num_params"]
+    return [
+        *lines,
+        f"  shape: {describe(args, detail=True)}",
+        f"  parameters: {total:,} total, {counts['num_params_non_embedding']:,} non-embedding, "
+        f"{prunable:,} prunable (attention + MLP)",
+    ]
+
+
+def _target_lines(cfg: PruneConfig, args: ModelArgs | None) -> list[str]:
+    target = cfg.pruning.target
+    lines = [f"target: {describe(target)}"]
+    if args is None:
+        return lines
+    specs = mask_specs(args, target)
+    t_counts = parameter_counts(target.model_args(args))
+    share = t_counts["num_params_non_embedding"] / parameter_counts(args)["num_params_non_embedding"]
+    lines.append(
+        f"  parameters: {t_counts['num_params']:,} total, {t_counts['num_params_non_embedding']:,} non-embedding "
+        f"({share:.1%} of the source's)"
+    )
+    lines.append("masks:" if specs else "masks: none (the target equals the source)")
+    for s in specs:
+        lines.append(
+            f"  {s.name:<13} shape {tuple(s.shape)}, keep {s.target_kept} of {s.row_size} per row "
+            f"(target sparsity {s.target_sparsity:.3f})"
+        )
+    return lines
+
+
+def _method_lines(cfg: PruneConfig, num_domains: int | None, seq_len: int | None) -> list[str]:
+    """How the masks are found, and what scoring costs."""
+    p = cfg.pruning
+    if p.one_shot:
+        line = f"method: {p.method} one-shot: scores, then the exact target; no training steps"
+    else:
+        line = f"method: l0 (learned hard-concrete masks), log_alpha init {p.init}"
+    if p.scores is not None:
+        return [line, f"  scores: reused from {p.scores} (no calibration)"]
+    if p.scoring == "activation":
+        passes = 2 if p.width_scores == "after_depth" else 1
+        sequences = f"{p.calibration} sequences per domain"
+        tokens = (
+            f" = {p.calibration * num_domains * seq_len * passes:,} calibration tokens"
+            if num_domains is not None and seq_len is not None
+            else ""
+        )
+        line += f"\n  calibration: {sequences} × {passes} pass(es){tokens}; widths scored {p.width_scores.replace('_', ' ')}"
+    return [line]
+
+
+def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len: int | None) -> list[str]:
+    loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = loop.accumulation_steps(world)
+    lines = []
+    if pruning and args is not None:
+        specs = mask_specs(args, cfg.pruning.target)
+        lines.append(pruning_overhead(args, specs, loop.micro_batch_size, seq_len, loop.precision))
+    if seq_len is not None:
+        per_step = loop.global_batch_size * seq_len
+        lines.append(
+            f"tokens: {per_step:,} per step ({loop.global_batch_size} sequences × {seq_len}), "
+            f"{per_step * loop.steps:,} in {loop.steps:,} steps"
+        )
+    lag = cfg.pruning.lagrangian_warmup_fraction * loop.steps if pruning else None
+    return [
+        *lines,
+        f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; "
+        f"precision {loop.precision}; strategy {cfg.distributed.strategy}",
+        f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
+        f"{cfg.optim.min_lr_ratio:g}×"
+        + (f"; Lagrangian warm-up {round(lag)} steps" if lag is not None else ""),
+        f"dynamic batch loading: {'every ' + str(loop.eval_interval) + ' steps' if cfg.data.dynamic else 'off'}; "
+        f"reference losses: {cfg.data.reference_losses if isinstance(cfg.data.reference_losses, str) else 'explicit'}",
+    ]
 
 
 def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> str:
@@ -102,65 +202,20 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> s
     pruning = isinstance(cfg, PruneConfig)
     loop = cfg.train
     args, where = _source_args(cfg.source_spec, cfg.shape_config, getattr(cfg, "source_init", None))
-    lines = [f"{'prune' if pruning else 'train'} plan", f"{'source' if pruning else 'model'}: {where}"]
-    if args is None:  # a source_init model: its vocabulary comes from the tokenizer
-        init = cfg.source_init
-        lines.append(f"  random {init.family}: {describe(init)}, tokenizer of {init.tokenizer}")
-    else:
-        total, prunable = _meta_counts(args)
-        counts = parameter_counts(args)
-        assert total == counts["num_params"]
-        lines += [
-            f"  shape: {describe(args, detail=True)}",
-            f"  parameters: {total:,} total, {counts['num_params_non_embedding']:,} non-embedding, "
-            f"{prunable:,} prunable (attention + MLP)",
-        ]
+    lines = [f"{'prune' if pruning else 'train'} plan", *_source_lines(cfg, args, where)]
+    data_lines, seq_len, num_domains = _data_lines(cfg, cfg.data.seq_len)
+    one_shot = pruning and cfg.pruning.one_shot
     if pruning:
-        target = cfg.pruning.target
-        lines.append(f"target: {describe(target)}")
-        if args is not None:
-            specs = mask_specs(args, target)
-            t_counts = parameter_counts(target.model_args(args))
-            lines.append(
-                f"  parameters: {t_counts['num_params']:,} total, {t_counts['num_params_non_embedding']:,} non-embedding "
-                f"({t_counts['num_params_non_embedding'] / parameter_counts(args)['num_params_non_embedding']:.1%} of the source's)"
-            )
-            lines.append("masks:" if specs else "masks: none (the target equals the source)")
-            for s in specs:
-                lines.append(
-                    f"  {s.name:<13} shape {tuple(s.shape)}, keep {s.target_kept} of {s.row_size} per row "
-                    f"(target sparsity {s.target_sparsity:.3f})"
-                )
-    data_lines, seq_len = _data_lines(cfg, cfg.data.seq_len)
+        lines += _target_lines(cfg, args) + _method_lines(cfg, num_domains, seq_len)
     lines += data_lines
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = loop.accumulation_steps(world)
-    if pruning and args is not None:
+    if not one_shot:
+        lines += _loop_lines(cfg, args, seq_len)
+    where = run_dir if run_dir is not None else "(give --run-dir to run)"
+    if one_shot:
+        lines.append(f"run directory: {where} ({CONFIG_FILE}, {METRICS_FILE}, {SCORES_FILE}, {MASKS_DIR}/)")
+    else:
         lines.append(
-            pruning_overhead(
-                args, mask_specs(args, cfg.pruning.target), loop.micro_batch_size, seq_len, loop.precision
-            )
+            f"run directory: {where} ({CONFIG_FILE}, {METRICS_FILE}, {CHECKPOINT_DIR}/ every {loop.save_interval} "
+            f"steps, newest {loop.keep_checkpoints} kept{', ' + MASKS_DIR + '/ at the end' if pruning else ''})"
         )
-    if seq_len is not None:
-        per_step = loop.global_batch_size * seq_len
-        lines.append(
-            f"tokens: {per_step:,} per step ({loop.global_batch_size} sequences × {seq_len}), "
-            f"{per_step * loop.steps:,} in {loop.steps:,} steps"
-        )
-    lines += [
-        f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; precision {loop.precision}; "
-        f"strategy {cfg.distributed.strategy}",
-        f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
-        f"{cfg.optim.min_lr_ratio:g}×"
-        + (
-            f"; Lagrangian warm-up {round(cfg.pruning.lagrangian_warmup_fraction * loop.steps)} steps"
-            if pruning
-            else ""
-        ),
-        f"dynamic batch loading: {'every ' + str(loop.eval_interval) + ' steps' if cfg.data.dynamic else 'off'}; "
-        f"reference losses: {cfg.data.reference_losses if isinstance(cfg.data.reference_losses, str) else 'explicit'}",
-        f"run directory: {run_dir if run_dir is not None else '(give --run-dir to run)'} ({CONFIG_FILE}, "
-        f"{METRICS_FILE}, {CHECKPOINT_DIR}/ every {loop.save_interval} steps, newest {loop.keep_checkpoints} kept"
-        f"{', ' + MASKS_DIR + '/ at the end' if pruning else ''})",
-    ]
     return "\n".join(lines)

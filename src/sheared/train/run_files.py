@@ -9,6 +9,8 @@ A run of `sheared prune` or `sheared train` writes (docs/formats.md has the deta
       checkpoints/step_N/   resumable checkpoints (`sheared.train.checkpoint` owns their inside)
       masks/masks.pt        pruning runs, at the end: exact-target binary masks, log_alpha, shapes
       masks/masks.json      ... and a readable summary of the kept structures
+      scores.pt             one-shot scores of every structure (one-shot runs and scored l0 inits)
+      final_state.json      one-shot runs: domains, weights, reference losses, tokens (no checkpoint)
       report/               `sheared report` output
 
 Every other room (the loop, export, report, demo) asks this module for names and never spells a
@@ -34,6 +36,10 @@ CHECKPOINT_DIR = "checkpoints"
 MASKS_DIR = "masks"
 MASKS_FILE = "masks.pt"
 MASKS_SUMMARY = "masks.json"
+SCORES_FILE = "scores.pt"
+# One-shot runs have no checkpoint: what export and continued pretraining need from the run
+# (domains, weights, reference losses, tokens) is kept here instead.
+FINAL_STATE_FILE = "final_state.json"
 REPORT_DIR = "report"
 # Written by `sheared export` next to a model: the run's domain weights and reference losses, so
 # that continued pretraining of that model starts from them.
@@ -86,6 +92,14 @@ class RunDir:
         return self.path / MASKS_DIR / MASKS_SUMMARY
 
     @property
+    def scores(self) -> Path:
+        return self.path / SCORES_FILE
+
+    @property
+    def final_state(self) -> Path:
+        return self.path / FINAL_STATE_FILE
+
+    @property
     def report(self) -> Path:
         return self.path / REPORT_DIR
 
@@ -94,8 +108,9 @@ class RunDir:
         return self.config.is_file()
 
     def holds_run(self) -> bool:
-        """Whether a run already started here (a checkpoint or a metrics line exists)."""
-        return self.metrics.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+        """Whether a run already started here (a checkpoint, masks or a metrics line exists)."""
+        has_checkpoint = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+        return self.metrics.exists() or has_checkpoint or self.masks.exists()
 
     def check_fresh(self, resume: bool) -> None:
         """Refuse to start a new run over an existing one (unless resuming it)."""
@@ -173,3 +188,14 @@ def read_run_state(model_path: str | Path) -> dict[str, Any]:
     """The state `write_run_state` kept next to a model, or {} (any other model)."""
     path = Path(model_path) / RUN_STATE_FILE
     return json.loads(path.read_text()) if Path(model_path).is_dir() and path.is_file() else {}
+
+
+def write_final_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """The end state of a run without checkpoints (one-shot pruning)."""
+    return atomic_write_json(RunDir(run_dir).final_state, state)
+
+
+def read_final_state(run_dir: str | Path) -> dict[str, Any] | None:
+    """`write_final_state`'s content, or None."""
+    path = RunDir(run_dir).final_state
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,119 @@
+"""One-shot pruning (`pruning.method: activation | magnitude | random`): scores, then masks, no steps.
+
+Writes the same run directory as learned pruning (resolved config, `metrics.jsonl` with one record
+of the calibration pass and the pruned model's per-domain eval loss, `masks/`), plus `scores.pt`
+and `final_state.json` in place of a checkpoint, so `sheared export`, `sheared report` and a
+continued-pretraining run of the export work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from sheared.config import save_config
+from sheared.data.dbl import read_reference_losses
+from sheared.data.tokens import PreparedData
+from sheared.eval.domain_loss import domain_losses
+from sheared.model import Masks
+from sheared.pruning.compaction import kept_structure
+from sheared.pruning.importance import select_masks
+from sheared.pruning.params import expected_num_params
+from sheared.pruning.target import mask_specs
+from sheared.train import run_files as rf
+from sheared.train.calibration import compute_scores, save_scores
+from sheared.train.config import PruneConfig
+from sheared.train.distributed import DistEnv, barrier, wrap_model
+from sheared.train.metrics import MetricsWriter
+from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
+
+
+def run_oneshot(cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, progress: bool) -> RunResult:
+    """Score, select the exact target, evaluate and write the run directory."""
+    done = rf.read_final_state(files.path) if resume else None
+    if done is not None and files.masks.is_file():
+        print(f"one-shot run {files.path} is complete; nothing to resume")
+        return _result(files.path, done, done.get("eval_losses", {}))
+    if not resume:
+        files.check_fresh(resume)
+    if env.is_main:
+        files.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, files.config)
+    torch.manual_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+    model, data, _ = load_model_and_data(cfg, env)
+    model.eval()
+    bf16 = cfg.train.precision == "bf16"
+    autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
+    wrapped = wrap_model(model, env, False, bf16) if env.strategy == "fsdp" else model
+    scores, info = compute_scores(
+        cfg, wrapped, model.args, data, env, autocast_dtype=autocast, progress=progress
+    )
+    specs = mask_specs(model.args, cfg.pruning.target)
+    masks = select_masks(scores, specs)
+
+    def evaluate(m: Masks | None) -> dict[str, float]:
+        return domain_losses(
+            wrapped,
+            data,
+            batch_size=cfg.data.eval_batch_size,
+            masks=None if m is None else Masks(**{n: getattr(m, n).to(env.device) for n in m.names()}),
+            max_sequences=cfg.data.max_eval_sequences,
+            device=env.device,
+            autocast_dtype=autocast,
+        )
+
+    reference = read_reference_losses(cfg.data.reference_losses, data.domains, {}) or evaluate(None)
+    losses = evaluate(masks)
+    weights = dict(zip(data.domains, initial_sampler(cfg, data, {}).weights))
+    state = {
+        "step": 0,
+        "tokens": info["calibration_tokens"],
+        "domains": data.domains,
+        "domain_weights": weights,
+        "reference_losses": reference,
+        "eval_losses": losses,
+        "method": cfg.pruning.method,
+        "seconds": time.perf_counter() - t0,
+    }
+    if env.is_main:
+        _write(files, cfg, model.args, scores, info, masks, specs, state, data)
+    barrier(env)
+    return _result(files.path, state, losses)
+
+
+def _write(files, cfg, args, scores, info, masks, specs, state, data: PreparedData) -> None:
+    save_scores(files.scores, scores, args, info)
+    tensors = {name: getattr(masks, name) for name in masks.names()}
+    summary = kept_structure(args, masks).summary()
+    summary["expected_minus_target_sparsity"] = dict.fromkeys(tensors, 0.0)
+    summary["target"] = vars(cfg.pruning.target)
+    summary["method"] = cfg.pruning.method
+    rf.save_final_masks(
+        files.path, tensors, {"target": vars(cfg.pruning.target), "source": vars(args), "summary": summary}
+    )
+    record = {"step": 0, "tokens": state["tokens"], "calibration_seconds": info["seconds"]}
+    for spec in specs:
+        sparsity = 1.0 - tensors[spec.name].sum(-1) / spec.row_size
+        record[rf.metric(rf.EXPECTED_SPARSITY, spec.name)] = sparsity.mean().item()
+        record[rf.metric(rf.TARGET_SPARSITY, spec.name)] = spec.target_sparsity
+    record["expected_params"] = expected_num_params(args, tensors).item()
+    record.update({rf.metric(rf.DOMAIN_WEIGHT, d): w for d, w in state["domain_weights"].items()})
+    record.update({rf.metric(rf.EVAL_LOSS, d): v for d, v in state["eval_losses"].items()})
+    record.update({rf.metric(rf.REFERENCE_LOSS, d): state["reference_losses"][d] for d in data.domains})
+    writer = MetricsWriter(files.path)
+    writer.write(record)
+    writer.close()
+    rf.write_final_state(files.path, state)  # last: its presence marks a complete one-shot run
+
+
+def _result(run_dir: Path, state: dict, losses: dict[str, float]) -> RunResult:
+    return RunResult(
+        run_dir=run_dir,
+        steps=0,
+        final_loss=float("nan"),
+        eval_losses=losses,
+        domain_weights=state["domain_weights"],
+    )
