@@ -158,9 +158,11 @@ class LoopConfig:
     """Keep the newest this many checkpoints."""
     seed: int = 0
     """Seed of data order, mask noise and random initialisation."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`fp32`, or `bf16`: matrix products in bfloat16 under autocast (FSDP2: parameters gathered in
-    bfloat16) while the weights, their optimizer state, masks, log_alpha and lambdas stay float32."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`bf16`: matrix products in bfloat16 under autocast (FSDP2: parameters gathered in bfloat16)
+    while the weights, their optimizer state, masks, log_alpha and lambdas stay float32; `fp32`;
+    `auto`: bf16 on CUDA devices with bf16 and on CPUs with native bf16 (AVX-512 bf16 / AMX), fp32
+    elsewhere (emulated bf16 is tens of times slower)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
 

@@ -52,6 +52,7 @@ from sheared.train.distributed import (
     barrier,
     gradient_sync,
     init_distributed,
+    resolve_precision,
     shutdown,
     wrap_model,
 )
@@ -124,9 +125,13 @@ def run(
     """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`."""
     env = init_distributed(cfg.distributed, cfg.train.device)
     try:
+        precision, why = resolve_precision(cfg.train.precision, env.device)
+        if env.is_main and progress:
+            print(f"precision: {precision} ({why})", flush=True)
+        bf16 = precision == "bf16"
         if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
-            return run_oneshot(cfg, rf.RunDir(run_dir), env, resume, progress and env.is_main)
-        state = set_up(cfg, rf.RunDir(run_dir), env, resume)
+            return run_oneshot(cfg, rf.RunDir(run_dir), env, resume, progress and env.is_main, bf16)
+        state = set_up(cfg, rf.RunDir(run_dir), env, resume, bf16)
         return _train(state, progress and env.is_main)
     finally:
         shutdown(env)
@@ -168,10 +173,14 @@ def _train(state: RunState, progress: bool) -> RunResult:
 # --- 1. set-up -------------------------------------------------------------------------------------
 
 
-def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resume: bool) -> RunState:
-    """Everything a run needs before its first step, resumed from the newest checkpoint if asked."""
+def set_up(
+    cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resume: bool, bf16: bool = False
+) -> RunState:
+    """Everything a run needs before its first step, resumed from the newest checkpoint if asked.
+
+    `bf16`: bfloat16 autocast (the resolved `train.precision`).
+    """
     loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
-    bf16 = loop.precision == "bf16"
     files.check_fresh(resume)
     if env.is_main:
         files.path.mkdir(parents=True, exist_ok=True)
@@ -183,7 +192,7 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resum
         l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
         if cfg.pruning.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
-            _initialise_masks(cfg, l0, model, data, env, files)
+            _initialise_masks(cfg, l0, model, data, env, files, bf16)
         lagrangian = LagrangianConstraint(l0.specs).to(env.device)
     previous = {} if pruning else rf.read_run_state(model_path)
     sampler = initial_sampler(cfg, data, previous)
@@ -212,9 +221,11 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resum
     return state
 
 
-def _initialise_masks(cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files) -> None:
+def _initialise_masks(
+    cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files, bf16: bool
+) -> None:
     """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt)."""
-    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    autocast = torch.bfloat16 if bf16 else None
     scores, info = compute_scores(
         cfg, model, model.args, data, env, autocast_dtype=autocast, progress=env.is_main
     )

@@ -30,7 +30,9 @@ from sheared.train.metrics import MetricsWriter
 from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
 
 
-def run_oneshot(cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, progress: bool) -> RunResult:
+def run_oneshot(
+    cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, progress: bool, bf16: bool = False
+) -> RunResult:
     """Score, select the exact target, evaluate and write the run directory."""
     done = rf.read_final_state(files.path) if resume else None
     if done is not None and files.masks.is_file():
@@ -45,7 +47,6 @@ def run_oneshot(cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, 
     t0 = time.perf_counter()
     model, data, _ = load_model_and_data(cfg, env)
     model.eval()
-    bf16 = cfg.train.precision == "bf16"
     autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
     wrapped = wrap_model(model, env, False, bf16) if env.strategy == "fsdp" else model
     scores, info = compute_scores(

@@ -17,6 +17,7 @@ from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_con
 from sheared.model.args import describe
 from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.distributed import resolve_precision
 from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE, SCORES_FILE
 
 
@@ -175,9 +176,11 @@ def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = loop.accumulation_steps(world)
     lines = []
+    device = torch.device("cuda" if loop.device != "cpu" and torch.cuda.is_available() else "cpu")
+    precision, why = resolve_precision(loop.precision, device)
     if pruning and args is not None:
         specs = mask_specs(args, cfg.pruning.target)
-        lines.append(pruning_overhead(args, specs, loop.micro_batch_size, seq_len, loop.precision))
+        lines.append(pruning_overhead(args, specs, loop.micro_batch_size, seq_len, precision))
     if seq_len is not None:
         per_step = loop.global_batch_size * seq_len
         lines.append(
@@ -188,7 +191,8 @@ def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len:
     return [
         *lines,
         f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; "
-        f"precision {loop.precision}; strategy {cfg.distributed.strategy}",
+        f"strategy {cfg.distributed.strategy}",
+        f"precision: {precision} ({why})",
         f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
         f"{cfg.optim.min_lr_ratio:g}×"
         + (f"; Lagrangian warm-up {round(lag)} steps" if lag is not None else ""),
