@@ -11,7 +11,7 @@ from sheared.train.loop import run
 from sheared.train.run_files import read_metrics
 
 CPU = torch.device("cpu")
-AVX2_ONLY = "fpu sse sse2 avx avx2 fma f16c".split()
+AVX2_ONLY = ["fpu", "sse", "sse2", "avx", "avx2", "fma", "f16c"]
 SAPPHIRE_RAPIDS = [*AVX2_ONLY, "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"]
 
 
