@@ -39,6 +39,18 @@ ONE_B_TARGET = TargetShape(
     num_key_value_heads=4,
     intermediate_size=4096,
 )
+PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16 tensor-core peak (NVIDIA datasheet)
+
+
+def train_flops_per_token(args: ModelArgs, seq: int) -> float:
+    """Training FLOPs per token of the unmasked model: 6 x (non-embedding + output projection weights)
+    for the matrix products, plus 12 x L x H x D x seq / 2 for causal attention scores and values."""
+    counts = parameter_counts(args)
+    weights = counts["num_params_non_embedding"] + args.vocab_size * args.hidden_size
+    attention = 12 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * seq / 2
+    return 6 * weights + attention
+
+
 TINY = ModelArgs(
     family="llama",
     vocab_size=512,
@@ -66,6 +78,12 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     parser.add_argument(
         "--steps", type=int, default=6, help="measured steps of each kind (after one warm-up each)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=PEAK_BF16_TFLOPS,
+        help="the device's dense bf16 peak, for MFU (H100/H200 SXM: 989)",
     )
     a = parser.parse_args()
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
@@ -126,10 +144,12 @@ def main() -> None:
         f"device: {name}; model {parameter_counts(args)['num_params'] / 1e9:.2f}B parameters, bf16 autocast, "
         f"{a.accum} x {a.micro_batch} x {seq} tokens per step"
     )
+    flops = train_flops_per_token(args, seq)
     for masked, label in ((True, "pruning"), (False, "plain  ")):
         t = statistics.median(times[masked])
         mem = f", peak memory {peak[masked] / 2**30:.1f} GiB" if masked in peak else ""
-        print(f"{label} step: {t * 1e3:8.1f} ms, {tokens / t:9.0f} tokens/s{mem}")
+        mfu = tokens / t * flops / (a.peak_tflops * 1e12)
+        print(f"{label} step: {t * 1e3:8.1f} ms, {tokens / t:9.0f} tokens/s, MFU {mfu:.1%}{mem}")
     print(
         f"pruning / plain step time: {statistics.median(times[True]) / statistics.median(times[False]):.2f}"
     )

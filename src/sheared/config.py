@@ -158,7 +158,13 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} is not of the form key.sub=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise UserError(
+                f"override {item!r}: {raw!r} is not a YAML value ({problem}); quote strings, close brackets"
+            ) from None
         node = result
         *parents, last = key.strip().split(".")
         for part in parents:
@@ -183,6 +189,8 @@ def merge(base: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or a one-line error."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {str(p)!r} is a directory; give a YAML file (e.g. {p}/prune.yaml)")
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist")
     try:

@@ -7,6 +7,7 @@ either the old file or the new one, never half of one; the `.tmp` file is remove
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -84,3 +85,27 @@ def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
 def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
     """`atomic_write` of JSON (UTF-8, not ASCII-escaped, a final newline)."""
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+# errno values of a write that cannot succeed until the user frees space or fixes permissions
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """`No space left on device` (or the like) when `error`, one of its causes, or a per-rank failure
+    of a distributed checkpoint is an OSError for lack of space or permission; else None."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return os.strerror(e.errno) + (f": {e.filename}" if e.filename else "")
+        pending += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            pending += [f for f in failures.values() if isinstance(f, BaseException)]
+        pending += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return None

@@ -101,6 +101,11 @@ def check_tokenizer(metadata: dict[str, Any], tokenizer: Any, where: str) -> Non
         UserError: If the tokenizers' sha256 fingerprints differ.
     """
     prepared = metadata["tokenizer"]
+    if tokenizer is None:
+        raise UserError(
+            f"the model has no tokenizer files (tokenizer.json), so it cannot be checked against the data in "
+            f"{where} (prepared with {prepared['name']}); copy that tokenizer's files into the model directory"
+        )
     current = tokenizer_fingerprint(tokenizer)
     if prepared["sha256"] != current["sha256"]:
         raise UserError(
@@ -389,7 +394,15 @@ class PreparedData:
                 f"sequence index out of range for {domain}.{split} ({len(array)} sequences): "
                 f"{int(index.min())}..{int(index.max())}"
             )
-        return torch.from_numpy(array[index].astype(np.int64))
+        rows = array[index]
+        if rows.size and int(rows.max()) >= self.vocab_size:
+            bad = int(index[np.flatnonzero((rows >= self.vocab_size).any(axis=1))[0]])
+            raise UserError(
+                f"{domain}.{split} sequence {bad} in {self.directory} holds token id {int(rows.max())}, outside the "
+                f"tokenizer's vocabulary of {self.vocab_size}: the token file is damaged; prepare the data again "
+                "(data.verify=checksum catches this before training)"
+            )
+        return torch.from_numpy(rows.astype(np.int64))
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one this data was prepared with (see `check_tokenizer`)."""

@@ -120,7 +120,7 @@ def format_results(results: dict[str, Any]) -> str:
         mean = {
             n: math.exp(sum(v["loss"] for v in results["domains"][n].values()) / len(domains)) for n in names
         }
-        lines.append(f"{'(mean loss)':<14}" + "".join(f"{mean[n]:>20.2f}" for n in names))
+        lines.append(f"{'exp(mean loss)':<14}" + "".join(f"{mean[n]:>20.2f}" for n in names))
     if "tasks" in results:
         from sheared.eval.harness import format_table
 

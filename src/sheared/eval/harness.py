@@ -189,7 +189,8 @@ def _check_model_dir(model_dir: str | Path) -> Path:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """Turn on the Hugging Face offline switches for the block, and restore them afterwards.
+    """Turn on the Hugging Face offline switches for the block (and skip lm-eval's git lookup), and
+    restore them afterwards.
 
     The environment variables alone are not enough: `huggingface_hub.constants` and
     `datasets.config` read them once, at import, and transformers has imported the hub already.
@@ -200,15 +201,19 @@ def _offline() -> Iterator[None]:
     try:
         import datasets.config
         import huggingface_hub.constants
+        import lm_eval.evaluator
 
-        for module, flag in (
-            (huggingface_hub.constants, "HF_HUB_OFFLINE"),
-            (datasets.config, "HF_HUB_OFFLINE"),
-            (datasets.config, "HF_DATASETS_OFFLINE"),
+        # lm-eval runs `git describe` in the working directory for its results' metadata; outside a
+        # git checkout git prints "fatal: not a git repository" twice. The hash is not needed here.
+        for module, flag, value in (
+            (huggingface_hub.constants, "HF_HUB_OFFLINE", True),
+            (datasets.config, "HF_HUB_OFFLINE", True),
+            (datasets.config, "HF_DATASETS_OFFLINE", True),
+            (lm_eval.evaluator, "get_git_commit_hash", lambda: None),
         ):
             if hasattr(module, flag):
                 saved_flags.append((module, flag, getattr(module, flag)))
-                setattr(module, flag, True)
+                setattr(module, flag, value)
         yield
     finally:
         for module, flag, value in reversed(saved_flags):

@@ -11,6 +11,7 @@ numbers go into `export_report.json`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ import torch
 
 from sheared.config import config_from_dict, read_yaml
 from sheared.errors import UserError
+from sheared.files import atomic_write_json, atomic_write_text, disk_problem, fsync_dir
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
 from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
+from sheared.pruning.params import expected_num_params
 from sheared.train.checkpoint import TRAINER_STATE, Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir, load_masks, read_final_state
@@ -168,7 +171,7 @@ def export_model(
     exported = json.loads((out / "config.json").read_text())
     report = {
         "max_abs_logit_diff": diff,
-        "verified": diff <= VERIFY_ATOL,
+        "verified": bool(diff <= VERIFY_ATOL),
         "tolerance": VERIFY_ATOL,
         "verification_tokens": list(ids.shape),
         "dtype": str(dtype).removeprefix("torch."),
@@ -178,8 +181,8 @@ def export_model(
         "source_num_params": parameter_counts(model.args)["num_params"],
         "exported_num_params": small.num_params(),
     }
-    if diff > VERIFY_ATOL:
-        (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if not diff <= VERIFY_ATOL:  # NaN fails too
+        atomic_write_json(out / REPORT_FILE, report)
         raise ExportVerificationError(
             f"the reloaded export differs from the model by {diff:.3g} > {VERIFY_ATOL} in logits; see {out / REPORT_FILE}"
         )
@@ -244,8 +247,7 @@ def export_run(
 
     model = source.model
     masks, trainer_state, gap = _trained_weights_and_masks(run, model)
-    if out.exists() and force:
-        shutil.rmtree(out)
+    _check_finite(model, run)
     run_state = {
         "domain_weights": trainer_state["domain_weights"],
         "reference_losses": trainer_state["reference_losses"],
@@ -256,33 +258,82 @@ def export_run(
         "tokens": trainer_state["tokens"],
     }
     ids = _verification_ids(cfg, source.tokenizer, num_sequences)
-    report = export_model(
-        model,
-        masks,
-        out,
-        source=source,
-        ids=ids,
-        dtype=DTYPES[dtype],
-        extra_files={RUN_STATE_FILE: run_state},
-    )
-    report.update(
-        {
-            "run_dir": str(run.run_dir),
-            "checkpoint": str(run.checkpoint) if run.checkpoint else None,
-            "step": trainer_state["step"],
-            "tokens_trained": trainer_state["tokens"],
-            "source": str(source.path),
-            "expected_minus_target_sparsity": gap,
-        }
-    )
-    if masks is not None:
-        binary = {n: getattr(masks, n) for n in masks.names()}
-        from sheared.pruning.params import expected_num_params
-
-        report["masks_num_params"] = round(expected_num_params(model.args, binary).item())
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(report, cfg, pruning, str(path), str(out_dir)))
+    staging = _staging_dir(out)
+    needed = sum(p.numel() for p in model.parameters()) * DTYPES[dtype].itemsize
+    try:
+        report = export_model(
+            model,
+            masks,
+            staging,
+            source=source,
+            ids=ids,
+            dtype=DTYPES[dtype],
+            extra_files={RUN_STATE_FILE: run_state},
+        )
+        report.update(
+            {
+                "run_dir": str(run.run_dir),
+                "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+                "step": trainer_state["step"],
+                "tokens_trained": trainer_state["tokens"],
+                "source": str(source.path),
+                "expected_minus_target_sparsity": gap,
+            }
+        )
+        if masks is not None:
+            binary = {n: getattr(masks, n) for n in masks.names()}
+            report["masks_num_params"] = round(expected_num_params(model.args, binary).item())
+        atomic_write_text(staging / "README.md", model_card(report, cfg, pruning, str(path), str(out_dir)))
+        atomic_write_json(staging / REPORT_FILE, report)  # last: a folder without it is not an export
+        _swap_in(staging, out)
+    except ExportVerificationError:
+        failed = out.with_name(out.name + FAILED_SUFFIX)
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(staging, failed)
+        raise
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        problem = disk_problem(e)
+        if problem is None:
+            raise
+        raise UserError(
+            f"cannot write the export to {out.parent} ({problem}); it needs about {needed / 2**20:,.0f} MiB; "
+            "nothing was replaced"
+        ) from None
     return report
+
+
+STAGING_SUFFIX = ".export-tmp"
+FAILED_SUFFIX = ".unverified"
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh folder beside `out` that the export is written and verified in before it is swapped in."""
+    staging = out.with_name(out.name + STAGING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by the verified `staging` folder; a previous export is removed only after."""
+    old = out.with_name(out.name + ".old" + STAGING_SUFFIX)
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(staging, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_finite(model: CausalLM, run: RunCheckpoint) -> None:
+    """Refuse weights with NaN or infinity (a diverged run) before anything is written."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(
+                f"{run.checkpoint or run.run_dir} holds non-finite weights ({name} has NaN or infinity): the run "
+                "diverged; export an earlier checkpoint (RUN/checkpoints/step_N) or train again with a lower lr"
+            )
 
 
 def model_card(report: dict[str, Any], cfg, pruning: bool, run_path: str, out_dir: str) -> str:

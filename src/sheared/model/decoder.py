@@ -11,6 +11,8 @@ I intermediate, V vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -237,9 +239,19 @@ class CausalLM(nn.Module):
         """(V, d) the output projection (the embedding when tied)."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T); `masks` as in `sheared.model.masks`."""
-        return F.linear(self.hidden_states(input_ids, masks), self.output_weight)
+    def forward(
+        self, input_ids: torch.Tensor, masks: Masks | None = None, *, head: Callable | None = None
+    ) -> Any:
+        """Logits (B, T, V) for token ids (B, T); `masks` as in `sheared.model.masks`.
+
+        `head(hidden (B, T, d), output_weight (V, d))` replaces the output projection, e.g. a fused
+        loss that never materialises the logits; it runs inside `forward` so that data-parallel
+        wrappers (DDP, FSDP2) see the output weight as they see every other parameter.
+        """
+        hidden = self.hidden_states(input_ids, masks)
+        if head is not None:
+            return head(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
 
     def hidden_states(self, input_ids: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, d), before the output projection."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from sheared.errors import UserError
@@ -91,7 +92,12 @@ def _load_hf_config(path: Path) -> PretrainedConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {where}: {e}") from None
     get_family(model_type, str(where))  # a clear error before transformers' own
-    return AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers' validation
+        cause = e.__cause__ if e.__cause__ is not None else e
+        detail = " ".join(str(cause).split())
+        raise UserError(f"{where} is not a valid {model_type} config: {detail}") from None
 
 
 def read_source_config(spec: str | Path) -> tuple[ModelArgs, PretrainedConfig, Path]:
@@ -145,15 +151,22 @@ def _check_complete(model: CausalLM, filled: set[str], where: Path) -> None:
 
 def load_hf_weights(args: ModelArgs, path: Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
     """Our model with the weights of a Hugging Face directory, loaded shard by shard (strict)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     model = _empty_model(args)
     filled: set[str] = set()
     for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            names = f.keys()  # safe_open handles have keys(), not iteration
-            keys = [k for k in names if not (args.tie_word_embeddings and k == "lm_head.weight")]
-            _fill(model, {k: f.get_tensor(k) for k in keys}, dtype, device, filled)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys()  # safe_open handles have keys(), not iteration
+                keys = [k for k in names if not (args.tie_word_embeddings and k == "lm_head.weight")]
+                _fill(model, {k: f.get_tensor(k) for k in keys}, dtype, device, filled)
+        except (SafetensorError, OSError) as e:
+            detail = " ".join(str(e).split())
+            raise UserError(
+                f"{file} is not a readable safetensors file ({detail}); it is truncated or damaged: "
+                "copy or download it again"
+            ) from None
     _check_complete(model, filled, path)
     return model
 

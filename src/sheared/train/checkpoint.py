@@ -6,9 +6,13 @@ Layout of `RUN_DIR/checkpoints/step_000100/`:
                             written by torch.distributed.checkpoint (one shard per rank under FSDP)
     trainer_state.json      step, tokens, sampler state (weights, positions), DBL history,
                             reference losses, world size
+    manifest.json           every other file's size and CRC-32, written last
 
-A checkpoint is written into `step_000100.tmp/`, every file is fsynced, and the folder is renamed
-when complete, so a folder without `.tmp` is always whole. The newest `keep` checkpoints stay.
+A checkpoint is written into `step_000100.tmp/`, every file is fsynced, the manifest is written
+last, and the folder is renamed when complete. A checkpoint counts as complete when it has its
+manifest; `--resume` verifies the newest against it and, when that one is damaged (a file
+truncated, missing or changed), says so, moves it aside as `step_N.damaged` and falls back to the
+newest intact one. The newest `keep` checkpoints stay.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
-from sheared.files import TMP_SUFFIX, fsync_tree
+from sheared.files import TMP_SUFFIX, disk_problem, fsync_tree
 from sheared.train.run_files import RunDir
 
 if TYPE_CHECKING:
@@ -36,6 +42,9 @@ if TYPE_CHECKING:
 
 STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+DAMAGED_SUFFIX = ".damaged"
+HASH_BLOCK_BYTES = 1 << 24
 
 
 class Trainable(nn.Module):
@@ -65,16 +74,85 @@ def _barrier() -> None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (those with a manifest), oldest first; not yet verified."""
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and STEP_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()
+        p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / MANIFEST).is_file()
     ]
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+
+
+def _crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def write_manifest(folder: Path) -> None:
+    """`manifest.json`: the size and CRC-32 of every other file of a checkpoint folder."""
+    from sheared.files import atomic_write_json
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    atomic_write_json(folder / MANIFEST, {"files": entries})
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is missing or unreadable"
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+        if _crc32(file) != entry["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that matches its manifest; newer damaged ones are reported on stderr
+    and moved aside (`step_N.damaged`) so that they are never mistaken for complete ones."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if _is_main():
+            aside = path.with_name(path.name + DAMAGED_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            print(
+                f"sheared: checkpoint {path.name} is damaged ({problem}); moved to {aside.name}",
+                file=sys.stderr,
+            )
+        _barrier()
+    return None
+
+
+def remove_leftovers(run_dir: str | Path, keep: int) -> None:
+    """Remove unfinished `.tmp` checkpoint folders and all but the newest `keep` complete ones."""
+    root = RunDir(run_dir).checkpoints
+    if not _is_main() or not root.is_dir():
+        return
+    for tmp in root.glob("*" + TMP_SUFFIX):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About how many bytes a checkpoint of these takes (parameters and optimizer state)."""
+    tensors = list(module.state_dict().values())
+    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 def save_checkpoint(
@@ -94,13 +172,19 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(module, optimizer)
-    with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    _barrier()
+    try:
+        with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        _barrier()
+        if _is_main():
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+            fsync_tree(tmp)
+    except Exception as e:  # a full or read-only disk: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(e, tmp, _state_bytes(module, optimizer)) from None
     if _is_main():
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        fsync_tree(tmp)
         if final.exists():  # a re-run of the same step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -110,30 +194,45 @@ def save_checkpoint(
     return final
 
 
+def _disk_error(e: Exception, path: Path, needed: int) -> Exception:
+    """A one-line UserError for a write that failed for lack of space or permission; else `e` itself."""
+    problem = disk_problem(e)
+    if problem is None:
+        return e
+    return UserError(
+        f"cannot write the checkpoint {path} ({problem}); it needs about {needed / 2**20:,.0f} MiB; "
+        "free some space and continue with --resume"
+    )
+
+
 def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load a checkpoint in place into `module` and `optimizer`; returns its trainer state."""
     path = Path(path)
-    state_file = path / TRAINER_STATE
-    if not state_file.is_file():
-        raise UserError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{path} is not a complete checkpoint (no {MANIFEST})")
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return json.loads(state_file.read_text())
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def load_module_weights(path: str | Path, module: nn.Module) -> dict[str, Any]:
-    """Load only the module part of a checkpoint (for export); returns its trainer state."""
+    """Load only the module part of a checkpoint (for export); returns its trainer state.
+
+    The checkpoint is verified against its manifest first (a damaged one is a UserError).
+    """
     path = Path(path)
-    state_file = path / TRAINER_STATE
-    if not state_file.is_file():
-        raise UserError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(
+            f"checkpoint {path} is damaged or incomplete: {problem}; export an earlier checkpoint"
+        )
     state = {"model": module.state_dict()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
     module.load_state_dict(state["model"])
-    return json.loads(state_file.read_text())
+    return json.loads((path / TRAINER_STATE).read_text())

@@ -49,6 +49,10 @@ class DataConfig:
             raise UserError(f"data.smoothing must be in [0, 1), got {self.smoothing}")
         if self.eval_batch_size < 1:
             raise UserError(f"data.eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        if self.max_eval_sequences is not None and self.max_eval_sequences < 1:
+            raise UserError(
+                f"data.max_eval_sequences must be at least 1 (or null for all), got {self.max_eval_sequences}"
+            )
 
 
 @dataclass
@@ -141,6 +145,35 @@ class PruningConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Logit distillation from a frozen teacher: loss = (1 - alpha)·CE + alpha·τ²·KL(teacher ‖ student)."""
+
+    teacher: str = "none"
+    """`none`; `source` (pruning: the source being pruned; continued pretraining: the source the
+    pruned model came from, as its export records); or any source spec (HF dir, .gguf, embedded name)
+    with the student's tokenizer."""
+    alpha: float = 0.5
+    """Weight of the distillation term (0: plain next-token loss)."""
+    temperature: float = 1.0
+    """Softmax temperature τ of both distributions; the KL term is scaled by τ²."""
+    top_k: int | None = None
+    """Distil over the teacher's top-k tokens only (its probabilities renormalised over them; the rest
+    of its mass is dropped); None: the whole vocabulary."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise UserError(f"distill.temperature must be positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"distill.top_k must be at least 1 (or null), got {self.top_k}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher != "none"
+
+
+@dataclass
 class LoopConfig:
     """Steps, batches, evaluation, checkpoints, precision."""
 
@@ -165,6 +198,12 @@ class LoopConfig:
     elsewhere (emulated bf16 is tens of times slower)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
+    dead_steps: int = 20
+    """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps (0: never)."""
+    loss_chunk_tokens: int | None = None
+    """Tokens per chunk of the fused loss: the output projection, softmax and their gradient run on
+    this many tokens at a time, so no (tokens, vocabulary) tensor of the whole batch is ever held;
+    None: as many as fill a 256 MiB float32 buffer (523 tokens at Llama 3's 128,256 vocabulary)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -181,6 +220,12 @@ class LoopConfig:
             raise UserError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.dead_steps < 0:
+            raise UserError(f"train.dead_steps must be >= 0 (0: no warning), got {self.dead_steps}")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            raise UserError(
+                f"train.loss_chunk_tokens must be at least 1 (or null), got {self.loss_chunk_tokens}"
             )
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -230,6 +275,8 @@ class PruneConfig:
     """AdamW and schedule of the model weights."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation from a frozen teacher (off by default)."""
     source_init: SourceInit | None = None
     """Write a random-weight source to `source` if that directory does not exist."""
     source_config: str | None = None
@@ -260,6 +307,8 @@ class TrainConfig:
     """AdamW and schedule (continued pretraining warms up over 3% of the steps)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation from a frozen teacher (off by default)."""
     model_config: str | None = None
     """A copy of the model's config.json, used by `--dry-run` when `model` does not exist yet."""
 

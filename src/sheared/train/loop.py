@@ -15,6 +15,7 @@ Reads top to bottom:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,8 @@ from sheared.data.dbl import (
 from sheared.data.sampler import DomainMixtureSampler, rank_slice
 from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
-from sheared.eval.domain_loss import domain_losses
-from sheared.eval.lm import next_token_loss
+from sheared.eval.domain_loss import DomainMetrics, domain_metrics
+from sheared.eval.loss import LossParts, fused_loss, next_token_labels
 from sheared.model import CausalLM, Masks, parameter_counts
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
@@ -60,6 +61,8 @@ from sheared.train.metrics import MetricsWriter
 from sheared.train.oneshot import run_oneshot
 from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rates
 from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
+from sheared.train.teacher import load_teacher
+from sheared.train.teacher import output_weight as teacher_output_weight
 
 
 @dataclass
@@ -78,6 +81,9 @@ class RunState:
     sampler: DomainMixtureSampler
     autocast_dtype: torch.dtype | None
     accumulation_steps: int
+    teacher: nn.Module | None = None
+    """The frozen distillation teacher (not checkpointed), or None."""
+    dead_run: DeadRunGuard | None = None
     reference: dict[str, float] = field(default_factory=dict)
     step: int = 0
     tokens: int = 0
@@ -100,9 +106,9 @@ class RunState:
     def last_eval(self) -> dict[str, float]:
         return self.history[-1]["eval_loss"] if self.history else {}
 
-    def evaluate(self, masks: Masks | None) -> dict[str, float]:
-        """Per-domain eval loss of the (wrapped) model, summed over ranks."""
-        return domain_losses(
+    def evaluate(self, masks: Masks | None) -> DomainMetrics:
+        """Per-domain eval loss of the (wrapped) model (and KL to the teacher), summed over ranks."""
+        return domain_metrics(
             self.trainable.model,
             self.data,
             batch_size=self.cfg.data.eval_batch_size,
@@ -110,6 +116,11 @@ class RunState:
             max_sequences=self.cfg.data.max_eval_sequences,
             device=self.env.device,
             autocast_dtype=self.autocast_dtype,
+            teacher=self.teacher,
+            teacher_weight=(lambda: teacher_output_weight(self.teacher))
+            if self.teacher is not None
+            else None,
+            chunk_size=self.cfg.train.loss_chunk_tokens,
         )
 
 
@@ -182,11 +193,10 @@ def set_up(
     """
     loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
     files.check_fresh(resume)
-    if env.is_main:
-        files.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, files.config)
     torch.manual_seed(loop.seed)
-    model, data, model_path = load_model_and_data(cfg, env)
+    source, data = load_model_and_data(cfg, env)
+    model, model_path = source.model, source.path
+    teacher = load_teacher(cfg, source.tokenizer, model_path, env, bf16) if cfg.distill.enabled else None
     l0 = lagrangian = None
     if pruning:
         l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
@@ -216,6 +226,8 @@ def set_up(
         sampler=sampler,
         autocast_dtype=torch.bfloat16 if bf16 and env.strategy != "fsdp" else None,
         accumulation_steps=loop.accumulation_steps(env.world_size),
+        teacher=teacher,
+        dead_run=DeadRunGuard(loop.dead_steps, math.log(model.args.vocab_size)),
     )
     _resume_or_start(state, resume, previous)
     return state
@@ -235,16 +247,26 @@ def _initialise_masks(
 
 
 def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) -> None:
-    """Load the newest checkpoint into `state`, or measure the reference losses of a new run."""
-    checkpoints = ckpt.list_checkpoints(state.files.path) if resume else []
-    if resume and not checkpoints:
-        raise UserError(f"--resume: {state.files.path} has no complete checkpoint to resume from")
-    if not checkpoints:
+    """Load the newest intact checkpoint into `state`, or measure the reference losses of a new run.
+
+    Nothing in the run directory changes before the checkpoint has loaded and matched the config.
+    """
+    files, env = state.files, state.env
+    checkpoint = ckpt.newest_intact_checkpoint(files.path) if resume else None
+    if checkpoint is None:
+        if resume and env.is_main:
+            print(
+                f"sheared: {files.path} holds no complete checkpoint; starting it again from step 0",
+                file=sys.stderr,
+            )
         reference = read_reference_losses(state.cfg.data.reference_losses, state.domains, previous)
         # `source`: the model's own loss before any training, unmasked
-        state.reference = reference if reference is not None else state.evaluate(None)
+        state.reference = reference if reference is not None else state.evaluate(None).loss
+        if env.is_main:
+            ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
+            save_config(state.cfg, files.config)
         return
-    saved = ckpt.load_checkpoint(checkpoints[-1], state.trainable, state.optimizer)
+    saved = ckpt.load_checkpoint(checkpoint, state.trainable, state.optimizer)
     batch = state.cfg.train.global_batch_size
     if saved["global_batch_size"] != batch:
         raise UserError(
@@ -254,13 +276,20 @@ def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) ->
     state.sampler.load_state_dict(saved["sampler"])
     state.step, state.tokens, state.history = saved["step"], saved["tokens"], saved["history"]
     state.reference, state.resumed = saved["reference_losses"], True
+    if env.is_main:
+        ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
+        save_config(state.cfg, files.next_resume_config())  # the original config.yaml stays as it was
 
 
 # --- 2. one step -----------------------------------------------------------------------------------
 
 
 def train_step(state: RunState, step: int) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) over this rank's share of the global batch; its record."""
+    """One optimizer step (0-based `step`) over this rank's share of the global batch; its record.
+
+    A non-finite loss or gradient norm stops the run before the optimizer step (`DivergenceError`),
+    so nothing non-finite is ever written.
+    """
     cfg, env, l0 = state.cfg, state.env, state.l0
     loop, accum = cfg.train, state.accumulation_steps
     t0 = time.perf_counter()
@@ -268,7 +297,7 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         state.optimizer, lr_multiplier(step, loop.steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
     )
     items = rank_slice(state.sampler.next_global_batch(loop.global_batch_size), env.rank, env.world_size)
-    lm_loss_sum = 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd of this rank, averaged over micro-batches
     for m in range(accum):
         micro = items[m * loop.micro_batch_size : (m + 1) * loop.micro_batch_size]
         ids = _gather(state.data, micro).to(env.device)  # (micro_batch, seq_len)
@@ -277,17 +306,22 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
             l0.clamp_()
             masks = l0.sample(mask_generator(loop.seed, step, env.rank * accum + m))
         with gradient_sync(state.trainable.model, env, sync=m == accum - 1):
-            loss = _micro_batch_loss(state, ids, masks) / accum
-            loss.backward()
-        lm_loss_sum += loss.item()
+            parts = _micro_batch_loss(state, ids, masks)
+            (parts.loss / accum).backward()
+        sums += (
+            torch.tensor([parts.loss.item(), parts.ce.item(), parts.kd.item()], dtype=torch.float64) / accum
+        )
     lag_loss, lag_parts, target = _lagrangian_backward(state, step)
     grad_norm = _clip(state.model, cfg.optim.grad_clip)
+    lm_loss, ce_loss, kd_loss = all_reduce_sum((sums / env.world_size).tolist(), env)
+    _stop_if_diverged(
+        state, step + 1, {"loss": lm_loss, "Lagrangian": float(lag_loss.detach()), "gradient norm": grad_norm}
+    )
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     tokens_per_step = loop.global_batch_size * state.data.seq_len
     state.tokens += tokens_per_step
     state.step = step + 1
-    (lm_loss,) = all_reduce_sum([lm_loss_sum / env.world_size], env)
     record = {
         "step": step + 1,
         "tokens": state.tokens,
@@ -298,19 +332,88 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
     }
+    if state.teacher is not None:
+        record.update(ce_loss=ce_loss, kd_loss=kd_loss)
     if l0 is not None:
         record.update(_mask_record(state, target, lag_parts))
     record.update({rf.metric(rf.DOMAIN_WEIGHT, d): w for d, w in zip(state.domains, state.sampler.weights)})
+    if state.dead_run is not None and env.is_main:
+        state.dead_run.check(step + 1, ce_loss if state.teacher is not None else lm_loss, grad_norm)
     return record
 
 
-def _micro_batch_loss(state: RunState, ids: torch.Tensor, masks: Masks | None) -> torch.Tensor:
-    """Mean next-token loss of one micro-batch (B, T) under `masks`."""
-    dtype = state.autocast_dtype
+def _micro_batch_loss(state: RunState, ids: torch.Tensor, masks: Masks | None) -> LossParts:
+    """(1 - α)·CE + α·τ²·KD of one micro-batch (B, T) under `masks`, by the fused chunked loss."""
+    dtype, distill = state.autocast_dtype, state.cfg.distill
+    labels = next_token_labels(ids)  # (B, T)
     with torch.autocast(state.env.device.type, dtype=dtype, enabled=dtype is not None):
-        model = state.trainable.model
-        logits = model(ids, masks) if masks is not None else model(ids)
-    return next_token_loss(logits, ids)
+        teacher_hidden = teacher_weight = None
+        if state.teacher is not None:
+            with torch.no_grad():
+                teacher_hidden = state.teacher(ids, head=_hidden_states)  # (B, T, d_teacher)
+            teacher_weight = teacher_output_weight(state.teacher)
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor) -> LossParts:
+            return fused_loss(
+                hidden,
+                weight,
+                labels,
+                teacher_hidden=teacher_hidden,
+                teacher_weight=teacher_weight,
+                alpha=distill.alpha if state.teacher is not None else 0.0,
+                temperature=distill.temperature,
+                top_k=distill.top_k,
+                chunk_size=state.cfg.train.loss_chunk_tokens,
+            )
+
+        return state.trainable.model(ids, masks, head=head)
+
+
+def _hidden_states(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+class DivergenceError(UserError):
+    """The run produced a non-finite loss or gradient; it stopped before writing anything of it."""
+
+
+def _stop_if_diverged(state: RunState, step: int, values: dict[str, float]) -> None:
+    """Raise `DivergenceError` (one line, exit 2) naming the first non-finite value, if any."""
+    bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    name, value = next(iter(bad.items()))
+    checkpoints = ckpt.list_checkpoints(state.files.path)
+    last = (
+        f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    )
+    raise DivergenceError(
+        f"step {step}: the {name} is {value}; the run stopped and wrote nothing from this step ({last}); "
+        f"lower optim.lr (now {state.cfg.optim.lr:g}) and start again, or resume with --resume and a lower lr"
+    )
+
+
+class DeadRunGuard:
+    """Warns once when the loss sits at ln V (uniform predictions) with a zero gradient for N steps:
+    a run whose weights were destroyed (e.g. by a huge learning rate) but that is not NaN."""
+
+    LOSS_TOLERANCE = 1e-3  # nats from ln V
+    GRAD_TOLERANCE = 1e-8
+
+    def __init__(self, steps: int, uniform_loss: float):
+        self.steps, self.uniform_loss, self.count, self.warned = steps, uniform_loss, 0, False
+
+    def check(self, step: int, loss: float, grad_norm: float) -> None:
+        dead = abs(loss - self.uniform_loss) < self.LOSS_TOLERANCE and grad_norm < self.GRAD_TOLERANCE
+        self.count = self.count + 1 if dead else 0
+        if self.steps and self.count >= self.steps and not self.warned:
+            self.warned = True
+            print(
+                f"\nsheared: warning: step {step}: the loss has been {loss:.4f} = ln(vocabulary) with a zero "
+                f"gradient for {self.count} steps: the model predicts uniformly and no longer learns (a too "
+                "high learning rate?); stop it and start again with a lower optim.lr",
+                file=sys.stderr,
+            )
 
 
 def _lagrangian_backward(
@@ -375,8 +478,9 @@ def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
     data_cfg, domains = state.cfg.data, state.domains
     eval_masks = state.l0.deterministic("expected") if state.l0 is not None else None
     state.trainable.model.eval()
-    losses = state.evaluate(eval_masks)
+    measured = state.evaluate(eval_masks)
     state.trainable.model.train()
+    losses = measured.loss
     if data_cfg.dynamic:
         state.sampler.set_weights(
             update_domain_weights(
@@ -393,6 +497,8 @@ def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
     )
     record = {rf.metric(rf.EVAL_LOSS, d): v for d, v in losses.items()}
     record.update({rf.metric(rf.REFERENCE_LOSS, d): state.reference[d] for d in domains})
+    if measured.kl is not None:
+        record.update({rf.metric(rf.EVAL_KL, d): v for d, v in measured.kl.items()})
     return record
 
 

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sheared.train.run_files import RunDir
+from sheared.files import atomic_write_lines
+from sheared.train.run_files import RunDir, read_metrics
 
 
 def _clean(value: Any) -> Any:
@@ -34,10 +35,8 @@ class MetricsWriter:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(files.path) if r["step"] <= resume_step]
+            atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())

@@ -45,8 +45,8 @@ def run_oneshot(
         save_config(cfg, files.config)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    model, data, _ = load_model_and_data(cfg, env)
-    model.eval()
+    source, data = load_model_and_data(cfg, env)
+    model = source.model.eval()
     autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
     wrapped = wrap_model(model, env, False, bf16) if env.strategy == "fsdp" else model
     scores, info = compute_scores(

@@ -3,7 +3,8 @@
 A run of `sheared prune` or `sheared train` writes (docs/formats.md has the details):
 
     RUN_DIR/
-      config.yaml           the resolved config (written once, when the run starts)
+      config.yaml           the resolved config (written once, when the run starts; never rewritten)
+      config.resume-N.yaml  the resolved config of the N-th resumed attempt
       metrics.jsonl         one JSON object per step (keys below)
       tensorboard/          the same scalars for TensorBoard (when installed)
       checkpoints/step_N/   resumable checkpoints (`sheared.train.checkpoint` owns their inside)
@@ -30,6 +31,7 @@ from sheared.errors import UserError
 from sheared.files import atomic_write, atomic_write_json
 
 CONFIG_FILE = "config.yaml"
+RESUME_CONFIG = "config.resume-{}.yaml"  # the resolved config of each resumed attempt
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
@@ -45,10 +47,12 @@ REPORT_DIR = "report"
 # that continued pretraining of that model starts from them.
 RUN_STATE_FILE = "sheared_run_state.json"
 
-# Metric keys of metrics.jsonl. Scalars: step, tokens, loss (LM + Lagrangian), lm_loss, lag_loss,
-# lr, grad_norm, tokens_per_s, expected_params. Per domain or per mask type, `PREFIX + name`:
+# Metric keys of metrics.jsonl. Scalars: step, tokens, loss (LM + Lagrangian), lm_loss (the data
+# loss: CE, or (1 - α)·CE + α·τ²·KD when distilling), ce_loss and kd_loss (distilling), lag_loss, lr,
+# grad_norm, tokens_per_s, expected_params. Per domain or per mask type, `PREFIX + name`:
 EVAL_LOSS = "eval_loss/"
 REFERENCE_LOSS = "reference_loss/"
+EVAL_KL = "eval_kl/"  # KL(teacher ‖ model) per domain, at temperature 1, when distilling
 DOMAIN_WEIGHT = "domain_weight/"
 EXPECTED_SPARSITY = "expected_sparsity/"
 TARGET_SPARSITY = "target_sparsity/"
@@ -114,11 +118,27 @@ class RunDir:
 
     def check_fresh(self, resume: bool) -> None:
         """Refuse to start a new run over an existing one (unless resuming it)."""
-        if not resume and self.holds_run():
+        if resume or not self.holds_run():
+            return
+        has_checkpoint = self.checkpoints.is_dir() and any(
+            p.is_dir() and not p.name.endswith(".tmp") for p in self.checkpoints.iterdir()
+        )
+        if has_checkpoint or self.masks.exists():
             raise UserError(
                 f"run directory {self.path} already holds a run; pass --resume to continue it, "
                 "or choose another --run-dir"
             )
+        raise UserError(
+            f"run directory {self.path} holds a run that stopped before its first checkpoint; pass --resume "
+            "to start it again from step 0, or choose another --run-dir"
+        )
+
+    def next_resume_config(self) -> Path:
+        """Where the resolved config of the next resumed attempt goes (config.yaml is never rewritten)."""
+        n = 1
+        while (self.path / RESUME_CONFIG.format(n)).exists():
+            n += 1
+        return self.path / RESUME_CONFIG.format(n)
 
 
 def metric(prefix: str, name: str) -> str:

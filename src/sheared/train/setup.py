@@ -12,8 +12,10 @@ from sheared.data.prepare import ensure_prepared
 from sheared.data.sampler import DomainMixtureSampler
 from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
-from sheared.model import CausalLM, load_source
+from sheared.model import Source, load_source
+from sheared.model.args import describe
 from sheared.model.random_source import ensure_source
+from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier
 
@@ -29,8 +31,8 @@ class RunResult:
     domain_weights: dict[str, float]
 
 
-def load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[CausalLM, PreparedData, Path]:
-    """The model to train (made first when the config says how), its prepared data and its path."""
+def load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[Source, PreparedData]:
+    """The model to train (made first when the config says how; in train mode) and its prepared data."""
     spec = cfg.source_spec
     if isinstance(cfg, PruneConfig) and cfg.source_init is not None and env.is_main:
         ensure_source(cfg.source_init, spec)
@@ -45,7 +47,13 @@ def load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[C
         raise UserError(
             f"data.seq_len is {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len {data.seq_len}"
         )
-    return source.model.train(), data, source.path
+    if isinstance(cfg, PruneConfig) and not mask_specs(source.args, cfg.pruning.target):
+        raise UserError(
+            f"the target equals the source ({describe(source.args)}) in every dimension; there is nothing to "
+            "prune: make at least one of pruning.target's numbers smaller"
+        )
+    source.model.train()
+    return source, data
 
 
 def initial_sampler(

@@ -1,0 +1,67 @@
+"""The distillation teacher: frozen, in eval mode, no gradients, no optimizer state, not checkpointed.
+
+It is loaded once per rank straight onto the run's device (in bf16 where the run computes in
+bf16), sharded with FSDP2 like the student under `fsdp` (each rank keeps its shard; the output
+weight is gathered for the loss) and replicated under DDP. Its tokenizer must be the student's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sheared.data.tokens import tokenizer_fingerprint
+from sheared.errors import UserError
+from sheared.model import CausalLM, load_source
+from sheared.train import run_files as rf
+from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.distributed import DistEnv
+
+
+def teacher_spec(cfg: PruneConfig | TrainConfig, model_path: Path) -> str:
+    """The teacher's source spec: `source` resolved to the model the run's student came from."""
+    spec = cfg.distill.teacher
+    if spec != "source":
+        return spec
+    if isinstance(cfg, PruneConfig):
+        return cfg.source
+    source = rf.read_run_state(model_path).get("source")
+    if source is None:
+        raise UserError(
+            f"distill.teacher is 'source' but {model_path} was not exported by `sheared export` (no "
+            f"{rf.RUN_STATE_FILE} naming its source); give the teacher's path instead"
+        )
+    return source
+
+
+def load_teacher(
+    cfg: PruneConfig | TrainConfig, student_tokenizer, model_path: Path, env: DistEnv, bf16: bool
+) -> CausalLM:
+    """The frozen teacher model on this rank (sharded under FSDP2)."""
+    spec = teacher_spec(cfg, model_path)
+    dtype = torch.bfloat16 if bf16 and env.device.type == "cuda" else torch.float32
+    source = load_source(spec, dtype=dtype, device=env.device)
+    if source.tokenizer is None or tokenizer_fingerprint(source.tokenizer) != tokenizer_fingerprint(
+        student_tokenizer
+    ):
+        theirs = getattr(source.tokenizer, "name_or_path", "none")
+        raise UserError(
+            f"distill.teacher {spec!r} has another tokenizer ({theirs}) than the student; "
+            "distillation compares distributions over the same vocabulary, so use a teacher of the same tokenizer"
+        )
+    teacher = source.model.eval().requires_grad_(False)
+    if env.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in teacher.model.layers:
+            fully_shard(layer)
+        fully_shard(teacher)
+    return teacher
+
+
+def output_weight(teacher: nn.Module) -> torch.Tensor:
+    """The teacher's (V, d) output projection as a plain tensor (gathered when FSDP2 shards it)."""
+    weight = teacher.output_weight
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
