@@ -168,3 +168,28 @@ def test_oneshot_scores_and_masks_equal_on_1_and_2_processes(tiny_assets, tmp_pa
     ma = torch.load(tmp_path / "one" / "masks" / "masks.pt", weights_only=True)["masks"]
     mb = torch.load(tmp_path / "two" / "masks" / "masks.pt", weights_only=True)["masks"]
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank_with_a_teacher(tiny_assets, tmp_path, strategy):
+    """Distillation from the source (replicated under DDP, sharded under FSDP2) keeps the equivalence."""
+    from sheared.train.loop import run
+
+    overrides = [
+        f"source={tiny_assets / 'source'}",
+        f"data.path={tiny_assets / 'prepared'}",
+        "data.auto_prepare=null",
+        "distill.teacher=source",
+        "distill.alpha=0.5",
+        "distill.temperature=2.0",
+        *STEPS,
+    ]
+    cfg = load_config(PruneConfig, "configs/tiny/prune.yaml", overrides)
+    run(cfg, tmp_path / "one", progress=False)
+    _launch(2, tmp_path / "two", [*overrides, f"distributed.strategy={strategy}", "train.micro_batch_size=4"])
+    _compare(tmp_path / "one", tmp_path / "two", cfg)
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for ra, rb in zip(a, b):
+        for key in [k for k in ra if k in ("ce_loss", "kd_loss") or k.startswith("eval_kl/")]:
+            assert ra[key] == pytest.approx(rb[key], abs=TOLERANCE, rel=TOLERANCE), (ra["step"], key)
+    assert "kd_loss" in a[-1] and "eval_kl/code" in a[-1]

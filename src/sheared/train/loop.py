@@ -158,17 +158,19 @@ def _train(state: RunState, progress: bool) -> RunResult:
         total=loop.steps, initial=state.step, disable=not progress, desc="prune" if pruning else "train"
     )
     record: dict[str, Any] = {}
-    for step in range(state.step, loop.steps):
-        record = train_step(state, step)
-        if loop.is_eval_step(step + 1):
-            record.update(evaluate_and_reweight(state))
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(_progress_line(state, record))
-        if loop.is_save_step(step + 1):
-            save(state)
-    bar.close()
-    metrics.close()
+    try:
+        for step in range(state.step, loop.steps):
+            record = train_step(state, step)
+            if loop.is_eval_step(step + 1):
+                record.update(evaluate_and_reweight(state))
+            metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(_progress_line(state, record))
+            if loop.is_save_step(step + 1):
+                save(state)
+    finally:  # an error (divergence, a full disk) prints on its own line, after the bar
+        bar.close()
+        metrics.close()
     if pruning:
         save_masks(state)
     barrier(state.env)

@@ -43,8 +43,10 @@ def load_teacher(
     spec = teacher_spec(cfg, model_path)
     dtype = torch.bfloat16 if bf16 and env.device.type == "cuda" else torch.float32
     source = load_source(spec, dtype=dtype, device=env.device)
-    if source.tokenizer is None or tokenizer_fingerprint(source.tokenizer) != tokenizer_fingerprint(
-        student_tokenizer
+    if (
+        source.tokenizer is None
+        or tokenizer_fingerprint(source.tokenizer)["sha256"]
+        != tokenizer_fingerprint(student_tokenizer)["sha256"]
     ):
         theirs = getattr(source.tokenizer, "name_or_path", "none")
         raise UserError(
