@@ -16,6 +16,7 @@ FLOORS = {
     "errors": 0,
     "config": 0,
     "files": 0,
+    "hardware": 0,
     "model": 1,
     "pruning": 2,
     "data": 3,

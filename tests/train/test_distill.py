@@ -37,6 +37,10 @@ def test_teacher_equal_to_the_student_gives_zero_kd(tiny_export, tiny_assets, tm
     assert last["kd_loss"] > 1e-4  # the student moved away from its frozen copy
     assert set(k for k in last if k.startswith("eval_kl/")) == {"eval_kl/code", "eval_kl/docs"}
     assert all(v >= 0 for k, v in last.items() if k.startswith("eval_kl/"))
+    from sheared.report import write_report
+
+    summary = write_report(tmp_path / "run")
+    assert (summary.parent / "distillation.png").is_file() and "### distillation" in summary.read_text()
 
 
 def test_alpha_zero_is_the_plain_loss(tiny_export, tiny_assets, tmp_path):

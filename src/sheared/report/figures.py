@@ -23,6 +23,7 @@ from sheared.errors import UserError
 from sheared.report.run import RunData, count, series, smooth, smoothing_window, target_num_params, unit
 from sheared.train.run_files import (
     DOMAIN_WEIGHT,
+    EVAL_KL,
     EVAL_LOSS,
     EXPECTED_SPARSITY,
     REFERENCE_LOSS,
@@ -92,6 +93,31 @@ def plot_losses(run: RunData, path: Path) -> Path:
             steps, values = series(evals, EVAL_LOSS + domain)
             ax.plot(steps, values, marker="o", markersize=3, label=domain)
         ax.set(title="eval loss per domain", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncols=1 + len(run.domains) // 8)
+    return _save(fig, path)
+
+
+def plot_distillation(run: RunData, path: Path) -> Path:
+    """Distillation runs: CE and KD per step (raw and smoothed), per-domain eval KL to the teacher."""
+    evals = [r for r in run.eval_records if any(k.startswith(EVAL_KL) for k in r)]
+    fig = _new_figure(11 if evals else 6.5, 4)
+    axes = fig.subplots(1, 2 if evals else 1, squeeze=False)[0]
+    for key, color, label in (
+        ("ce_loss", "tab:blue", "CE (next token)"),
+        ("kd_loss", "tab:red", "KD (KL to teacher)"),
+    ):
+        steps, values = series(run.records, key)
+        _raw_and_smoothed(axes[0], steps, values, color, label)
+    axes[0].set(title="distillation: the two terms of the loss", xlabel="step", ylabel="nats per token")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    if evals:
+        ax = axes[1]
+        for domain in run.domains:
+            steps, values = series(evals, EVAL_KL + domain)
+            ax.plot(steps, values, marker="o", markersize=3, label=domain)
+        ax.set(title="eval KL(teacher ‖ model) per domain", xlabel="step", ylabel="nats per token")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", ncols=1 + len(run.domains) // 8)
     return _save(fig, path)

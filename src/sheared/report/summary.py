@@ -14,6 +14,7 @@ from sheared.files import atomic_write_text
 from sheared.model.args import describe
 from sheared.report.figures import (
     matplotlib_classes,
+    plot_distillation,
     plot_domain_losses,
     plot_domain_weights,
     plot_kept_structures,
@@ -152,6 +153,8 @@ CAPTIONS = {
     "takes over the mixture, or weights that oscillate, suggest a noisy evaluation.",
     "sparsity": "Each expected sparsity should follow its dashed target (which rises during the "
     "Lagrangian warm-up) and end on it; a persistent gap means the multipliers have not converged.",
+    "distillation": "With a teacher the loss mixes next-token CE and the KL to the teacher; the eval KL "
+    "per domain shows where the student still differs from its teacher (it should fall while training).",
     "kept_structures": "Which layers, KV groups, query heads and MLP channels the exact-target masks "
     "keep; every kept layer has the same counts, the positions can differ.",
 }
@@ -187,6 +190,8 @@ def _plan(run: RunData) -> tuple[dict[str, Callable[[RunData, Path], Path]], lis
         figures["domain_losses"] = plot_domain_losses
     else:
         skipped.append("no evaluation step yet: domain_losses.png skipped")
+    if any("kd_loss" in r for r in run.records):
+        figures["distillation"] = plot_distillation
     if run.domains:
         figures["domain_weights"] = plot_domain_weights
     else:

@@ -69,46 +69,6 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy)
 
 
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 matrix units
-
-
-def cpu_flags() -> list[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo, or None where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration, IndexError):
-        return None
-
-
-def cpu_bf16_support() -> tuple[bool, str]:
-    """Whether this CPU computes bfloat16 matrix products natively, and what said so.
-
-    Emulated bf16 (AVX2, or AVX-512 without the bf16 extension) is many times slower than fp32:
-    a 1024² bf16 matmul took 4.6 s against 0.11 s in fp32 on an AVX2-only machine.
-    """
-    flags = cpu_flags()
-    if flags is None:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return supported, f"oneDNN bf16 support {'found' if supported else 'missing'}"
-    found = [f for f in CPU_BF16_FLAGS if f in flags]
-    capability = torch.backends.cpu.get_cpu_capability()
-    if found:
-        return True, f"CPU has {'/'.join(found)} ({capability})"
-    return False, f"CPU lacks avx512_bf16/amx_bf16 ({capability}): bf16 would be emulated and slow"
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
-    """`fp32` or `bf16` for `train.precision` (`auto` decides by the hardware), and why (SPEC §10)."""
-    if precision != "auto":
-        return precision, "as configured"
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        return ("bf16" if supported else "fp32"), f"CUDA device {'supports' if supported else 'lacks'} bf16"
-    supported, why = cpu_bf16_support()
-    return ("bf16" if supported else "fp32"), why
-
-
 def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, bf16: bool) -> nn.Module:
     """Activation checkpointing per decoder layer, then DDP or FSDP2 (`fully_shard` per layer, then root).
 

@@ -36,6 +36,7 @@ from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
 from sheared.eval.domain_loss import DomainMetrics, domain_metrics
 from sheared.eval.loss import LossParts, fused_loss, next_token_labels
+from sheared.hardware import resolve_precision
 from sheared.model import CausalLM, Masks, parameter_counts
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
@@ -53,7 +54,6 @@ from sheared.train.distributed import (
     barrier,
     gradient_sync,
     init_distributed,
-    resolve_precision,
     shutdown,
     wrap_model,
 )

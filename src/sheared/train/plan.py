@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from sheared.errors import UserError
+from sheared.hardware import resolve_precision
 from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_config
 from sheared.model.args import describe
 from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.distributed import resolve_precision
 from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE, SCORES_FILE
 
 
