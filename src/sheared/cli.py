@@ -42,6 +42,14 @@ def cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(ns: argparse.Namespace) -> int:
+    from sheared.config import load_config
+    from sheared.study import StudyConfig, run_study
+
+    run_study(load_config(StudyConfig, ns.config, ns.overrides), ns.out)
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from sheared.config import load_config
     from sheared.demo import DemoConfig, run_demo
@@ -316,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("study", help="learned vs one-shot pruning, distillation and DBL at equal tokens")
+    p.add_argument("--config", required=True, help="YAML StudyConfig (see configs/smollm2-135m/study.yaml)")
+    p.add_argument("--out", required=True, help="folder of the arms and results (re-runs skip finished arms)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget_tokens=600000 arms=[activation]")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")

@@ -6,7 +6,10 @@ import pytest
 
 from sheared.cli import main
 
-RUN_CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if p.name != "scaling-law-losses.yaml")
+RUN_CONFIGS = sorted(
+    p for p in Path("configs").rglob("*.yaml") if p.name not in ("scaling-law-losses.yaml", "study.yaml")
+)
+STUDY_CONFIGS = sorted(Path("configs").rglob("study.yaml"))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=str)
@@ -58,3 +61,12 @@ def test_precision_values(capsys):
     assert main([*base, "train.precision=bf16-autocast"]) == 2
     err = capsys.readouterr().err
     assert "'bf16-autocast' is not one of" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=str)
+def test_study_configs_start_with_their_command_and_load(path):
+    from sheared.config import load_config
+    from sheared.study import StudyConfig
+
+    assert path.read_text().splitlines()[0].startswith(f"# sheared study --config {path} ")
+    assert load_config(StudyConfig, path).budget_tokens > 0
