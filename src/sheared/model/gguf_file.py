@@ -35,6 +35,8 @@ TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 _LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.")
+# Per-dimension RoPE frequency divisors (D/2,) of llama3 RoPE scaling; not a weight of the decoder.
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -108,6 +110,16 @@ def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def permute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order, the inverse of `_unpermute_rotary`.
+
+    Within each head, Hugging Face rotates row i with row i + D/2 (`rotate_half`); llama.cpp rotates
+    adjacent rows 2i and 2i + 1, so row i goes to 2i and row i + D/2 to 2i + 1. w: (heads * D, cols).
+    """
+    rows, cols = w.shape
+    return w.reshape(num_heads, 2, rows // num_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def read_gguf_state_dict(path: Path, args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of a llama GGUF file, dequantized, under Hugging Face names, as `dtype`."""
     from gguf.quants import dequantize
@@ -115,6 +127,8 @@ def read_gguf_state_dict(path: Path, args: ModelArgs, dtype: torch.dtype) -> dic
     reader = _reader(path)
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS_TENSOR:  # RoPE scaling, checked by whoever knows the RoPE type
+            continue
         name = _hf_name(tensor.name)
         if name is None:
             raise UserError(f"unexpected tensor {tensor.name!r} in {path}; is this a LLaMA GGUF file?")

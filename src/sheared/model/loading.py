@@ -149,6 +149,45 @@ def _check_complete(model: CausalLM, filled: set[str], where: Path) -> None:
         raise UserError(f"{where} lacks weights for: {', '.join(missing[:5])}")
 
 
+class TensorReader:
+    """Reads a source's tensors one at a time, optionally only some rows (for sharded loading).
+
+    A Hugging Face directory is read by slice (`safe_open(...).get_slice`), so a process reads only
+    the rows it keeps; a GGUF file (small, often quantized sources) is dequantized once, whole.
+    """
+
+    def __init__(self, args: ModelArgs, path: Path):
+        self.args, self.path = args, path
+        self._gguf: dict[str, torch.Tensor] | None = None
+        self._file_of: dict[str, Path] = {}
+        if path.is_dir():
+            from safetensors import safe_open
+
+            for file in _safetensors_files(path):
+                with safe_open(str(file), framework="pt") as f:
+                    self._file_of.update(dict.fromkeys(f.keys(), file))
+        else:
+            self._gguf = read_gguf_state_dict(path, args, torch.float32)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name` (rows `rows` of its first dimension, or all of it), as stored."""
+        if self._gguf is not None:
+            tensor = self._gguf[name]
+            return tensor if rows is None else tensor[rows]
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self._file_of:
+            raise UserError(f"{self.path} lacks weights for: {name}")
+        file = self._file_of[name]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+        except (SafetensorError, OSError) as e:
+            raise UserError(
+                f"{file} is not a readable safetensors file ({' '.join(str(e).split())})"
+            ) from None
+
+
 def load_hf_weights(args: ModelArgs, path: Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
     """Our model with the weights of a Hugging Face directory, loaded shard by shard (strict)."""
     from safetensors import SafetensorError, safe_open

@@ -69,18 +69,82 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy)
 
 
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+
+
+def _fully_shard(model: nn.Module, bf16: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise UserError("distributed.strategy fsdp needs torchrun (a process group), even for one process")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def _local_rows(param: torch.Tensor, env: DistEnv) -> slice | None:
+    """The rows of the full tensor that this rank's FSDP2 shard holds (dim-0 sharding, torch.chunk sizes)."""
+    if not hasattr(param, "to_local"):
+        return None
+    from torch.distributed.tensor import Shard
+
+    assert tuple(param.placements) == (Shard(0),), param.placements
+    rows = param.shape[0]
+    chunk = -(-rows // env.world_size)  # ceil
+    start = min(env.rank * chunk, rows)
+    return slice(start, min(start + chunk, rows))
+
+
+def load_sharded(spec: str, env: DistEnv, activation_checkpointing: bool, bf16: bool, frozen: bool = False):
+    """The source built on the meta device, sharded with FSDP2, materialised empty, and filled by each
+    rank with its own rows only (read by slice from the safetensors files): no rank ever holds the
+    whole model. Returns a `Source` whose model is already wrapped."""
+    from sheared.model import CausalLM, Source, load_tokenizer, read_source_config
+    from sheared.model.families import get_family
+    from sheared.model.loading import TensorReader
+
+    args, hf_config, path = read_source_config(spec)
+    with torch.device("meta"):
+        model = CausalLM(args)
+    if activation_checkpointing:
+        _checkpoint_layers(model)
+    _fully_shard(model, bf16)
+    model.to_empty(device=env.device)
+    reader = TensorReader(args, path)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.copy_(reader.read(key, _local_rows(param, env)).to(local.dtype))
+    if frozen:
+        model.eval().requires_grad_(False)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except UserError:  # a model directory without tokenizer files, as load_source allows
+        tokenizer = None
+    return Source(
+        model=model, tokenizer=tokenizer, family=get_family(args.family), hf_config=hf_config, path=path
+    )
+
+
 def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, bf16: bool) -> nn.Module:
     """Activation checkpointing per decoder layer, then DDP or FSDP2 (`fully_shard` per layer, then root).
 
     Under FSDP2 with `bf16`, parameters are gathered in bf16 for compute while the sharded fp32
-    parameters stay the master weights (gradients reduced in fp32).
+    parameters stay the master weights (gradients reduced in fp32). Runs loaded by `load_sharded`
+    are sharded already and do not come here.
     """
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        layers = model.model.layers
-        for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer)
+        _checkpoint_layers(model)
     if env.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -90,18 +154,7 @@ def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, b
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
     if env.strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not dist.is_initialized():
-            raise UserError(
-                "distributed.strategy fsdp needs torchrun (a process group), even for one process"
-            )
-        policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
-        )
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        _fully_shard(model, bf16)
     return model
 
 

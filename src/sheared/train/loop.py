@@ -196,7 +196,7 @@ def set_up(
     loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
     files.check_fresh(resume)
     torch.manual_seed(loop.seed)
-    source, data = load_model_and_data(cfg, env)
+    source, data = load_model_and_data(cfg, env, bf16)
     model, model_path = source.model, source.path
     teacher = load_teacher(cfg, source.tokenizer, model_path, env, bf16) if cfg.distill.enabled else None
     l0 = lagrangian = None
@@ -209,7 +209,8 @@ def set_up(
     previous = {} if pruning else rf.read_run_state(model_path)
     sampler = initial_sampler(cfg, data, previous)
     trainable = Trainable(model, l0, lagrangian)
-    trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
+    if env.strategy != "fsdp":  # FSDP2 runs are sharded while loading
+        trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
     optimizer = build_optimizer(
         model.parameters(),
         cfg.optim,

@@ -25,7 +25,7 @@ from sheared.pruning.target import mask_specs
 from sheared.train import run_files as rf
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.config import PruneConfig
-from sheared.train.distributed import DistEnv, barrier, wrap_model
+from sheared.train.distributed import DistEnv, barrier
 from sheared.train.metrics import MetricsWriter
 from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
 
@@ -45,10 +45,10 @@ def run_oneshot(
         save_config(cfg, files.config)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    source, data = load_model_and_data(cfg, env)
+    source, data = load_model_and_data(cfg, env, bf16)
     model = source.model.eval()
     autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
-    wrapped = wrap_model(model, env, False, bf16) if env.strategy == "fsdp" else model
+    wrapped = model  # sharded while loading under FSDP2; one-shot scoring needs no DDP wrapper
     scores, info = compute_scores(
         cfg, wrapped, model.args, data, env, autocast_dtype=autocast, progress=progress
     )

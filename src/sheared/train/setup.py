@@ -17,7 +17,7 @@ from sheared.model.args import describe
 from sheared.model.random_source import ensure_source
 from sheared.pruning.target import mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.distributed import DistEnv, barrier
+from sheared.train.distributed import DistEnv, barrier, load_sharded
 
 
 @dataclass
@@ -31,13 +31,22 @@ class RunResult:
     domain_weights: dict[str, float]
 
 
-def load_model_and_data(cfg: PruneConfig | TrainConfig, env: DistEnv) -> tuple[Source, PreparedData]:
-    """The model to train (made first when the config says how; in train mode) and its prepared data."""
+def load_model_and_data(
+    cfg: PruneConfig | TrainConfig, env: DistEnv, bf16: bool = False
+) -> tuple[Source, PreparedData]:
+    """The model to train (made first when the config says how; in train mode) and its prepared data.
+
+    Under FSDP2 the model comes sharded (`load_sharded`: each rank reads only its rows); otherwise
+    every rank loads the whole model (DDP keeps a full replica by definition).
+    """
     spec = cfg.source_spec
     if isinstance(cfg, PruneConfig) and cfg.source_init is not None and env.is_main:
         ensure_source(cfg.source_init, spec)
     barrier(env)
-    source = load_source(spec, device=env.device)
+    if env.strategy == "fsdp":
+        source = load_sharded(spec, env, cfg.distributed.activation_checkpointing, bf16)
+    else:
+        source = load_source(spec, device=env.device)
     if env.is_main:
         ensure_prepared(cfg.data.path, cfg.data.auto_prepare, source.tokenizer, spec)
     barrier(env)

@@ -17,7 +17,7 @@ from sheared.errors import UserError
 from sheared.model import CausalLM, load_source
 from sheared.train import run_files as rf
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.distributed import DistEnv
+from sheared.train.distributed import DistEnv, load_sharded
 
 
 def teacher_spec(cfg: PruneConfig | TrainConfig, model_path: Path) -> str:
@@ -42,7 +42,10 @@ def load_teacher(
     """The frozen teacher model on this rank (sharded under FSDP2)."""
     spec = teacher_spec(cfg, model_path)
     dtype = torch.bfloat16 if bf16 and env.device.type == "cuda" else torch.float32
-    source = load_source(spec, dtype=dtype, device=env.device)
+    if env.strategy == "fsdp":  # each rank reads only its shard of the teacher
+        source = load_sharded(spec, env, activation_checkpointing=False, bf16=bf16, frozen=True)
+    else:
+        source = load_source(spec, dtype=dtype, device=env.device)
     if (
         source.tokenizer is None
         or tokenizer_fingerprint(source.tokenizer)["sha256"]
@@ -53,14 +56,7 @@ def load_teacher(
             f"distill.teacher {spec!r} has another tokenizer ({theirs}) than the student; "
             "distillation compares distributions over the same vocabulary, so use a teacher of the same tokenizer"
         )
-    teacher = source.model.eval().requires_grad_(False)
-    if env.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in teacher.model.layers:
-            fully_shard(layer)
-        fully_shard(teacher)
-    return teacher
+    return source.model.eval().requires_grad_(False)
 
 
 def output_weight(teacher: nn.Module) -> torch.Tensor:
