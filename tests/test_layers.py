@@ -25,6 +25,7 @@ FLOORS = {
     "export": 6,
     "report": 6,
     "demo": 7,
+    "study": 7,
     "cli": 7,
     "__main__": 7,
     "__init__": 0,

@@ -73,6 +73,9 @@ class OptimConfig:
     """Cosine decay ends at this fraction of the peak."""
     grad_clip: float = 1.0
     """Clip the gradient norm of the model weights to this (0: no clipping)."""
+    clip_masks_with_model: bool = False
+    """Clip the model's, log_alpha's and the lambdas' gradients with one global norm, as the reference
+    implementation did (only to reproduce it: the lambdas' gradients then shrink the model's)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -198,6 +201,9 @@ class LoopConfig:
     elsewhere (emulated bf16 is tens of times slower)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
+    compile: bool = False
+    """`torch.compile` every decoder layer (masks stay tensor inputs, so one graph serves every step);
+    measured on CPU in docs/benchmarks.md (off by default: see there)."""
     dead_steps: int = 20
     """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps (0: never)."""
     loss_chunk_tokens: int | None = None

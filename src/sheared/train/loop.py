@@ -211,6 +211,9 @@ def set_up(
     trainable = Trainable(model, l0, lagrangian)
     if env.strategy != "fsdp":  # FSDP2 runs are sharded while loading
         trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
+    if loop.compile:
+        for layer in model.model.layers:
+            layer.compile()  # in place: parameter names and checkpoints stay the same
     optimizer = build_optimizer(
         model.parameters(),
         cfg.optim,
@@ -315,7 +318,10 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
             torch.tensor([parts.loss.item(), parts.ce.item(), parts.kd.item()], dtype=torch.float64) / accum
         )
     lag_loss, lag_parts, target = _lagrangian_backward(state, step)
-    grad_norm = _clip(state.model, cfg.optim.grad_clip)
+    clipped = [state.model]
+    if cfg.optim.clip_masks_with_model and l0 is not None:
+        clipped += [l0, state.lagrangian]
+    grad_norm = _clip(clipped, cfg.optim.grad_clip)
     lm_loss, ce_loss, kd_loss = all_reduce_sum((sums / env.world_size).tolist(), env)
     _stop_if_diverged(
         state, step + 1, {"loss": lm_loss, "Lagrangian": float(lag_loss.detach()), "gradient norm": grad_norm}
@@ -457,12 +463,27 @@ def _gather(data: PreparedData, items: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat(rows, dim=0)
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+def _clip(modules: list[nn.Module], max_norm: float) -> float:
+    """Clip the gradients of `modules` to one global norm (0: do not clip); returns that norm.
+
+    The model alone by default; with `optim.clip_masks_with_model` also log_alpha and the lambdas,
+    as the reference implementation did (its norm mixes FSDP2's sharded and replicated gradients).
+    """
+    limit = max_norm if max_norm > 0 else math.inf
+    groups = [[p for p in m.parameters() if p.grad is not None] for m in modules]
+    if len(groups) == 1:
+        return _full_norm(torch.nn.utils.clip_grad_norm_(groups[0], limit))
+    norms = [_full_norm(torch.nn.utils.clip_grad_norm_(g, math.inf)) for g in groups if g]
+    total = math.sqrt(sum(n * n for n in norms))
+    coefficient = min(limit / (total + 1e-6), 1.0)  # as clip_grad_norm_
+    for group in groups:
+        for p in group:
+            p.grad.mul_(coefficient)
+    return total
+
+
+def _full_norm(norm: torch.Tensor) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
 
 def _progress_line(state: RunState, record: dict[str, Any]) -> dict[str, str]:
