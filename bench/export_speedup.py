@@ -21,6 +21,7 @@ import transformers
 
 from sheared.config import load_config
 from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
+from sheared.hardware import machine_summary
 from sheared.model import load_source
 from sheared.model.args import ModelArgs, parameter_counts
 from sheared.train.config import PruneConfig
@@ -93,6 +94,7 @@ def main() -> None:
     forward = results["pruned"]["forward_tokens_per_s"] / results["source"]["forward_tokens_per_s"]
     generate = results["pruned"]["generate_tokens_per_s"] / results["source"]["generate_tokens_per_s"]
     goal = GOAL_FRACTION * flops_ratio
+    print(f"machine: {machine_summary()}")
     print(
         f"source {a.source}: {src_args.num_hidden_layers} layers / {src_args.hidden_size} / {src_args.num_attention_heads} heads "
         f"({src_args.num_key_value_heads} KV) / {src_args.intermediate_size}"

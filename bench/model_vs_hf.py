@@ -18,7 +18,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from sheared.eval.lm import next_token_loss
+from sheared.eval.loss import fused_loss, next_token_labels
+from sheared.hardware import machine_summary
 from sheared.model import load_source, save_hf
 
 
@@ -48,8 +49,10 @@ def main() -> None:
 
     ids = torch.randint(0, ours.args.vocab_size, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
 
-    def step_ours():
-        next_token_loss(ours(ids), ids).backward()
+    labels = next_token_labels(ids)
+
+    def step_ours():  # the training loop's path: hidden states into the fused chunked loss
+        ours(ids, head=lambda h, w: fused_loss(h, w, labels)).loss.backward()
         ours.zero_grad(set_to_none=True)
 
     def step_hf():
@@ -75,6 +78,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = a.batch * a.seq
+    print(f"machine: {machine_summary()}")
     print(
         f"source {a.source}, batch {a.batch} x {a.seq} tokens, fp32, {torch.get_num_threads()} threads, {a.rounds} rounds"
     )
