@@ -149,6 +149,28 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return _run_command(ns, TrainConfig)
 
 
+def cmd_plan_target(ns: argparse.Namespace) -> int:
+    from sheared.pruning.target import TargetBudget
+    from sheared.train.plan import target_plan
+
+    budget = TargetBudget(
+        params=ns.params, params_fraction=ns.params_fraction, memory_mb=ns.memory_mb, dtype=ns.dtype
+    )
+    print(
+        target_plan(
+            ns.source,
+            budget,
+            width_multiple=ns.width_multiple,
+            top=ns.top,
+            data=ns.data,
+            calibration=ns.calibration,
+            candidates=ns.candidates,
+            precision=ns.precision,
+        )
+    )
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -319,6 +341,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("plan-target", help="the valid shapes within 1%% of a size budget, ranked (no run)")
+    p.add_argument("source", help="a Hugging Face model directory, a .gguf file, or smollm2-135m")
+    p.add_argument(
+        "--params", default=None, help="total parameters of the pruned model: 60M, 1.3B, 60_000_000"
+    )
+    p.add_argument(
+        "--params-fraction", type=float, default=None, help="share of the source's non-embedding parameters"
+    )
+    p.add_argument("--memory-mb", type=float, default=None, help="size of all weights in MB (10^6 bytes)")
+    p.add_argument("--dtype", default=None, help="with --memory-mb: float32, bfloat16, float16 or int8")
+    p.add_argument(
+        "--width-multiple", type=int, default=64, help="hidden and intermediate widths are multiples of this"
+    )
+    p.add_argument("--top", type=int, default=10, help="candidates shown")
+    p.add_argument("--data", default=None, help="prepared data: measure the calibration losses as a run does")
+    p.add_argument("--calibration", type=int, default=8, help="with --data: calibration sequences per domain")
+    p.add_argument("--candidates", type=int, default=8, help="with --data: candidates measured")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="with --data: as train.precision",
+    )
+    p.set_defaults(func=cmd_plan_target)
 
     p = sub.add_parser("export", help="masks -> a verified standard Hugging Face checkpoint (and GGUF file)")
     p.add_argument(

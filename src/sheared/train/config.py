@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from sheared.config import config_from_dict
 from sheared.data.prepare import AutoPrepare
 from sheared.errors import UserError
 from sheared.model.random_source import SourceInit
-from sheared.pruning.target import TargetShape
+from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE
+from sheared.pruning.target import BUDGET_KINDS, SHAPE_KEYS, TargetBudget, TargetShape
 
 
 @dataclass
@@ -94,8 +98,11 @@ class OptimConfig:
 class PruningConfig:
     """The target shape, how masks are found (learned or one-shot), and the mask/multiplier optimisation."""
 
-    target: TargetShape
-    """Exact shape of the pruned model."""
+    target: TargetShape | TargetBudget | dict[str, Any]
+    """Exact shape of the pruned model (the five numbers), or a budget the run turns into the best
+    valid shape: `{params: 60M}` (total parameters), `{params_fraction: 0.5}` (of the source's
+    non-embedding parameters) or `{memory_mb: 100, dtype: bfloat16}` (docs/method.md, "Budget
+    targets"). Any other mapping is refused in one line."""
     method: Literal["l0", "activation", "magnitude", "random"] = "l0"
     """`l0`: learned hard-concrete masks trained with the model (Sheared LLaMA); one-shot, no training
     steps: `activation` (Minitron head/channel/hidden importance, ShortGPT block influence for layers),
@@ -117,8 +124,22 @@ class PruningConfig:
     """Learning rate of the Lagrange multipliers (gradient ascent)."""
     lagrangian_warmup_fraction: float = 0.2
     """The target sparsity rises linearly from 0 over this fraction of the steps."""
+    search: Literal["loss", "rule"] = "loss"
+    """Budget targets: `loss` measures the calibration loss of the first `search_candidates`
+    rule-ranked shapes under their one-shot masks and uses the lowest (Minitron's search); `rule`
+    uses the first rule-ranked shape (no calibration)."""
+    search_candidates: int = 8
+    """Budget targets: how many rule-ranked shapes the `loss` search measures."""
+    width_multiple: int = DEFAULT_WIDTH_MULTIPLE
+    """Budget targets: hidden and intermediate widths are multiples of this (or the source's own)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.target, Mapping):
+            self.target = _parse_target(self.target)
+        if self.search_candidates < 1:
+            raise UserError(f"pruning.search_candidates must be at least 1, got {self.search_candidates}")
+        if self.width_multiple < 1:
+            raise UserError(f"pruning.width_multiple must be at least 1, got {self.width_multiple}")
         if self.log_alpha_lr <= 0 or self.lambda_lr <= 0:
             raise UserError("pruning.log_alpha_lr and pruning.lambda_lr must be positive")
         if not 0 <= self.lagrangian_warmup_fraction <= 1:
@@ -140,11 +161,44 @@ class PruningConfig:
         return self.method != "l0"
 
     @property
+    def budget(self) -> TargetBudget | None:
+        """The budget the target is given as, or None for an exact shape."""
+        return self.target if isinstance(self.target, TargetBudget) else None
+
+    @property
     def scoring(self) -> str | None:
         """The scoring method this run needs (one-shot method or l0 init), or None."""
         if self.one_shot:
             return self.method
         return None if self.init == "uniform" else self.init
+
+
+def _parse_target(value: Mapping[str, Any]) -> TargetShape | TargetBudget:
+    """`pruning.target` from a mapping that neither a shape nor a budget accepted: the one-line reason.
+
+    (The config loader tries TargetShape, then TargetBudget, and hands over the raw mapping when
+    both refuse it, so that the message here can say which kind was meant.)
+    """
+    keys = [str(k) for k in value]
+    valid = [*SHAPE_KEYS, *BUDGET_KINDS, "dtype"]
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(
+            f"unknown key pruning.target.{unknown[0]}; {hint}give the five shape numbers "
+            f"({', '.join(SHAPE_KEYS)}) or one budget (params, params_fraction, or memory_mb with dtype)"
+        )
+    shape = [k for k in keys if k in SHAPE_KEYS]
+    budget = [k for k in keys if k not in SHAPE_KEYS]
+    if shape and budget:
+        raise UserError(
+            f"pruning.target mixes shape numbers ({', '.join(shape)}) with a budget ({', '.join(budget)}); "
+            "give the five shape numbers or one budget, not both (a budget replaces the whole target mapping "
+            "in the config file)"
+        )
+    cls = TargetShape if shape else TargetBudget
+    return config_from_dict(cls, value, "pruning.target")
 
 
 @dataclass

@@ -60,7 +60,7 @@ from sheared.train.distributed import (
 from sheared.train.metrics import MetricsWriter
 from sheared.train.oneshot import run_oneshot
 from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rates
-from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
+from sheared.train.setup import RunResult, initial_sampler, load_model_and_data, resolve_target
 from sheared.train.teacher import load_teacher
 from sheared.train.teacher import output_weight as teacher_output_weight
 
@@ -197,6 +197,12 @@ def set_up(
     files.check_fresh(resume)
     torch.manual_seed(loop.seed)
     source, data = load_model_and_data(cfg, env, bf16)
+    scored = None
+    if pruning:  # a budget becomes its exact shape here, before anything uses the target
+        autocast = torch.bfloat16 if bf16 else None  # as `_initialise_masks` scores, so its scores are reused
+        cfg, scored = resolve_target(
+            cfg, source, data, env, files, resume=resume, autocast_dtype=autocast, progress=env.is_main
+        )
     model, model_path = source.model, source.path
     teacher = load_teacher(cfg, source.tokenizer, model_path, env, bf16) if cfg.distill.enabled else None
     l0 = lagrangian = None
@@ -204,7 +210,7 @@ def set_up(
         l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
         if cfg.pruning.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
-            _initialise_masks(cfg, l0, model, data, env, files, bf16)
+            _initialise_masks(cfg, l0, model, data, env, files, bf16, scored)
         lagrangian = LagrangianConstraint(l0.specs).to(env.device)
     previous = {} if pruning else rf.read_run_state(model_path)
     sampler = initial_sampler(cfg, data, previous)
@@ -240,11 +246,12 @@ def set_up(
 
 
 def _initialise_masks(
-    cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files, bf16: bool
+    cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files, bf16: bool, scored=None
 ) -> None:
-    """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt)."""
+    """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt);
+    `scored`: (scores, info) a budget's search already computed the same way."""
     autocast = torch.bfloat16 if bf16 else None
-    scores, info = compute_scores(
+    scores, info = scored or compute_scores(
         cfg, model, model.args, data, env, autocast_dtype=autocast, progress=env.is_main
     )
     l0.reset_parameters_from_scores(scores)

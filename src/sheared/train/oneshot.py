@@ -27,7 +27,7 @@ from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.config import PruneConfig
 from sheared.train.distributed import DistEnv, barrier
 from sheared.train.metrics import MetricsWriter
-from sheared.train.setup import RunResult, initial_sampler, load_model_and_data
+from sheared.train.setup import RunResult, initial_sampler, load_model_and_data, resolve_target
 
 
 def run_oneshot(
@@ -42,14 +42,18 @@ def run_oneshot(
         files.check_fresh(resume)
     if env.is_main:
         files.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, files.config)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     source, data = load_model_and_data(cfg, env, bf16)
     model = source.model.eval()
     autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
     wrapped = model  # sharded while loading under FSDP2; one-shot scoring needs no DDP wrapper
-    scores, info = compute_scores(
+    cfg, scored = resolve_target(
+        cfg, source, data, env, files, resume=resume, autocast_dtype=autocast, progress=progress
+    )
+    if env.is_main:
+        save_config(cfg, files.config)  # the exact target, also when it was given as a budget
+    scores, info = scored or compute_scores(
         cfg, wrapped, model.args, data, env, autocast_dtype=autocast, progress=progress
     )
     specs = mask_specs(model.args, cfg.pruning.target)

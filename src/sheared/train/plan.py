@@ -6,6 +6,7 @@ device only to count parameters), so a plan for a 7B recipe prints on any machin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -16,9 +17,24 @@ from sheared.errors import UserError
 from sheared.hardware import resolve_precision
 from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_config
 from sheared.model.args import describe
-from sheared.pruning.target import mask_specs
+from sheared.pruning.search import (
+    BUDGET_TOLERANCE,
+    DEFAULT_WIDTH_MULTIPLE,
+    amount_text,
+    search_target,
+    table,
+)
+from sheared.pruning.target import TargetBudget, mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import CHECKPOINT_DIR, CONFIG_FILE, MASKS_DIR, METRICS_FILE, SCORES_FILE
+from sheared.train.run_files import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    MASKS_DIR,
+    METRICS_FILE,
+    SCORES_FILE,
+    TARGET_SEARCH_FILE,
+)
+from sheared.train.setup import search_on_data, search_scoring, search_shapes
 
 
 def _source_args(spec: str, fallback_config: str | None, init) -> tuple[ModelArgs, str]:
@@ -103,9 +119,10 @@ def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None, i
 
 
 def _check_calibration(cfg, domain: str, available: int) -> None:
-    calibrating = (
-        isinstance(cfg, PruneConfig) and cfg.pruning.scoring == "activation" and not cfg.pruning.scores
-    )
+    pruning = cfg.pruning if isinstance(cfg, PruneConfig) else None
+    searching = pruning is not None and pruning.budget is not None and pruning.search == "loss"
+    scoring = search_scoring(cfg) if searching else pruning and pruning.scoring
+    calibrating = scoring == "activation" and not pruning.scores
     if calibrating and cfg.pruning.calibration > available:
         raise UserError(
             f"pruning.calibration is {cfg.pruning.calibration} sequences per domain but domain {domain!r} has "
@@ -129,9 +146,9 @@ def _source_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, where:
     ]
 
 
-def _target_lines(cfg: PruneConfig, args: ModelArgs | None) -> list[str]:
+def _target_lines(cfg: PruneConfig, args: ModelArgs | None, label: str = "target") -> list[str]:
     target = cfg.pruning.target
-    lines = [f"target: {describe(target)}"]
+    lines = [f"{label}: {describe(target)}"]
     if args is None:
         return lines
     specs = mask_specs(args, target)
@@ -148,6 +165,37 @@ def _target_lines(cfg: PruneConfig, args: ModelArgs | None) -> list[str]:
             f"(target sparsity {s.target_sparsity:.3f})"
         )
     return lines
+
+
+def _budget_lines(cfg: PruneConfig, args: ModelArgs | None) -> tuple[list[str], PruneConfig]:
+    """The rule-ranked candidates of a budget target, and the config with the one the plan assumes."""
+    p = cfg.pruning
+    lines = [
+        f"target: budget {p.budget.describe()} (within {BUDGET_TOLERANCE:.0%}; widths multiples of "
+        f"{p.width_multiple}, or the source's own)"
+    ]
+    if args is None:
+        return [*lines, "  candidates: listed once the source exists (it is made when the run starts)"], cfg
+    search = search_shapes(cfg, args)
+    shown = min(len(search.ranked), max(p.search_candidates, 5))
+    lines.append(
+        f"  {search.num_valid:,} valid uniform shapes; the best of each (layers, query heads, KV groups) by "
+        f"rule (imbalance of the shrink ratios, then distance to the budget), first {shown} of {len(search.ranked)}:"
+    )
+    lines += [f"  {line}" for line in table(search, shown, mark=p.search == "rule")]
+    if p.search == "loss":
+        scoring = search_scoring(cfg)
+        measured = min(p.search_candidates, len(search.ranked))
+        lines.append(
+            f"  search: the run measures the calibration loss of the first {measured} under their one-shot "
+            f"{scoring} masks ({p.calibration} sequences per domain) and uses the lowest"
+        )
+    else:
+        lines.append("  search: rule; the run uses #1")
+    shape = search.chosen.shape
+    resolved = dataclasses.replace(cfg, pruning=dataclasses.replace(p, target=shape))
+    label = "target (#1, standing in for the measured choice)" if p.search == "loss" else "target"
+    return lines + _target_lines(resolved, args, label), resolved
 
 
 def _method_lines(cfg: PruneConfig, num_domains: int | None, seq_len: int | None) -> list[str]:
@@ -209,17 +257,75 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> s
     lines = [f"{'prune' if pruning else 'train'} plan", *_source_lines(cfg, args, where)]
     data_lines, seq_len, num_domains = _data_lines(cfg, cfg.data.seq_len)
     one_shot = pruning and cfg.pruning.one_shot
+    budget = pruning and cfg.pruning.budget is not None
+    if budget:
+        budget_lines, cfg = _budget_lines(cfg, args)
+        lines += budget_lines
+    elif pruning:
+        lines += _target_lines(cfg, args)
     if pruning:
-        lines += _target_lines(cfg, args) + _method_lines(cfg, num_domains, seq_len)
+        lines += _method_lines(cfg, num_domains, seq_len)
     lines += data_lines
     if not one_shot:
         lines += _loop_lines(cfg, args, seq_len)
     where = run_dir if run_dir is not None else "(give --run-dir to run)"
+    searched = f", {TARGET_SEARCH_FILE}" if budget else ""
     if one_shot:
-        lines.append(f"run directory: {where} ({CONFIG_FILE}, {METRICS_FILE}, {SCORES_FILE}, {MASKS_DIR}/)")
+        lines.append(
+            f"run directory: {where} ({CONFIG_FILE}, {METRICS_FILE}, {SCORES_FILE}{searched}, {MASKS_DIR}/)"
+        )
     else:
         lines.append(
-            f"run directory: {where} ({CONFIG_FILE}, {METRICS_FILE}, {CHECKPOINT_DIR}/ every {loop.save_interval} "
+            f"run directory: {where} ({CONFIG_FILE}{searched}, {METRICS_FILE}, {CHECKPOINT_DIR}/ every {loop.save_interval} "
             f"steps, newest {loop.keep_checkpoints} kept{', ' + MASKS_DIR + '/ at the end' if pruning else ''})"
         )
     return "\n".join(lines)
+
+
+def target_plan(
+    source: str,
+    budget: TargetBudget,
+    *,
+    width_multiple: int = DEFAULT_WIDTH_MULTIPLE,
+    top: int = 10,
+    data: str | None = None,
+    calibration: int = 8,
+    candidates: int = 8,
+    precision: str = "auto",
+) -> str:
+    """`sheared plan-target`: a budget's ranked candidates, rule-ranked from the source's config
+    alone, or (with prepared `data`) with their calibration losses measured as a run measures them."""
+    args, _, path = read_source_config(source)
+    counts = parameter_counts(args)
+    if data is None:
+        search = search_target(args, budget, width_multiple=width_multiple, num_candidates=candidates)
+    else:
+        search = search_on_data(
+            source,
+            budget,
+            data,
+            calibration=calibration,
+            candidates=candidates,
+            width_multiple=width_multiple,
+            precision=precision,
+        )
+    ranking = (
+        f"the first {sum(c.loss is not None for c in search.ranked)} measured: calibration loss under their "
+        f"one-shot activation masks ({calibration} sequences per domain of {data}); the lowest is used"
+        if search.ranking == "loss"
+        else "rule-ranked (imbalance of the shrink ratios, then distance to the budget); give --data to "
+        "measure the calibration losses as a run does"
+    )
+    return "\n".join(
+        [
+            f"source: {path}",
+            f"  shape: {describe(args, detail=True)}",
+            f"  parameters: {counts['num_params']:,} total, {counts['num_params_non_embedding']:,} non-embedding",
+            f"budget: {budget.describe()} = {amount_text(budget, search.goal)} (within {BUDGET_TOLERANCE:.0%}; widths multiples of "
+            f"{width_multiple}, or the source's own)",
+            f"{search.num_valid:,} valid uniform shapes, {len(search.ranked)} after keeping the best of each "
+            f"(layers, query heads, KV groups); {ranking}",
+            *table(search, top),
+            f"used: {describe(search.chosen.shape)}",
+        ]
+    )

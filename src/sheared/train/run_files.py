@@ -39,6 +39,7 @@ MASKS_DIR = "masks"
 MASKS_FILE = "masks.pt"
 MASKS_SUMMARY = "masks.json"
 SCORES_FILE = "scores.pt"
+TARGET_SEARCH_FILE = "target_search.json"  # budget targets: the ranked candidates and the chosen shape
 # One-shot runs have no checkpoint: what export and continued pretraining need from the run
 # (domains, weights, reference losses, tokens) is kept here instead.
 FINAL_STATE_FILE = "final_state.json"
@@ -98,6 +99,10 @@ class RunDir:
     @property
     def scores(self) -> Path:
         return self.path / SCORES_FILE
+
+    @property
+    def target_search(self) -> Path:
+        return self.path / TARGET_SEARCH_FILE
 
     @property
     def final_state(self) -> Path:
