@@ -7,6 +7,7 @@ stores q and k rows in the interleaved rotary layout; they are permuted back to 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,21 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def _reader(path: Path):
+    """The file's parsed header and memory-mapped tensors; parsing a vocabulary takes seconds, so the
+    last two files are kept (keyed by size and modification time, so a rewritten file is re-read)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as e:
+        raise UserError(f"{path} is not a readable GGUF file ({e})") from None
+    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int):
     import gguf  # deferred: only GGUF sources need it
 
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueError/struct errors on non-GGUF files
         raise UserError(f"{path} is not a readable GGUF file ({e})") from None
 
