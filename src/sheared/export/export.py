@@ -157,7 +157,8 @@ def export_model(
     """Compact (when `masks` are given), save as a HF directory, verify; returns the report.
 
     Args:
-        model: our model holding the weights to export (rounded in place to `dtype`).
+        model: our model holding the weights to export (rounded in place to `dtype`); its weights are
+            released (moved to the meta device) before the reload, so it cannot be used afterwards.
         masks: exact-target binary masks, or None to export `model` as it is.
         out: output directory (created; must be checked by the caller).
         source: the source (tokenizer and base config of the family).
@@ -179,13 +180,15 @@ def export_model(
             num_key_value_heads=len(kept.layers[0].kv_heads),
             intermediate_size=len(kept.layers[0].intermediate),
         )
-        small = CausalLM(target_args)
-        small.load_state_dict(slice_state_dict(model.state_dict(), model.args, kept), strict=True)
+        with torch.device("meta"):
+            small = CausalLM(target_args)  # takes the slices themselves: one copy of the target
+        small.load_state_dict(slice_state_dict(model.state_dict(), model.args, kept), strict=True, assign=True)
     else:
         small = model
     save_hf(small, out, tokenizer=source.tokenizer, base_config=source.hf_config, dtype=dtype)
     exported_num_params = small.num_params()
-    del small  # the reload below is the only other model in memory
+    del small
+    model.to("meta")  # the weights are saved and `expected` computed: the reload is the only model left
     for name, content in (extra_files or {}).items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     diff = verify_export(out, expected, ids)

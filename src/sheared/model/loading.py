@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,19 +189,67 @@ class TensorReader:
             ) from None
 
 
-def load_hf_weights(args: ModelArgs, path: Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
-    """Our model with the weights of a Hugging Face directory, loaded shard by shard (strict)."""
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+def _read_safetensors(file: Path, skip: Callable[[str], bool]):
+    """(name, tensor) for every tensor of a .safetensors file, read with plain reads, one at a time.
+
+    Not memory-mapped: the pages of a mapped file count as resident while the file is open, which
+    made loading a source peak at twice its size. Raises OSError/ValueError on damaged files.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+        header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        entries = sorted(
+            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+        )
+        for name, entry in entries:
+            if skip(name):
+                continue
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            if start + end > size or end < begin:
+                raise ValueError(f"tensor {name} lies beyond the end of the file (truncated)")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise ValueError(f"tensor {name} is cut short (truncated)")
+            yield name, raw.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def load_hf_weights(args: ModelArgs, path: Path, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    """Our model with the weights of a Hugging Face directory, read tensor by tensor (strict): the
+    process holds the model and at most one tensor of the file besides."""
     model = _empty_model(args)
     filled: set[str] = set()
+
+    def tied_head(name: str) -> bool:
+        return args.tie_word_embeddings and name == "lm_head.weight"
+
     for file in _safetensors_files(path):
         try:
-            with safe_open(str(file), framework="pt") as f:
-                names = f.keys()  # safe_open handles have keys(), not iteration
-                keys = [k for k in names if not (args.tie_word_embeddings and k == "lm_head.weight")]
-                _fill(model, {k: f.get_tensor(k) for k in keys}, dtype, device, filled)
-        except (SafetensorError, OSError) as e:
+            for name, tensor in _read_safetensors(file, tied_head):
+                _fill(model, {name: tensor}, dtype, device, filled)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            if isinstance(e, UserError):
+                raise
             detail = " ".join(str(e).split())
             raise UserError(
                 f"{file} is not a readable safetensors file ({detail}); it is truncated or damaged: "

@@ -90,7 +90,8 @@ def _rows_of_heads(heads: list[int], head_dim: int) -> torch.Tensor:
 def slice_state_dict(
     state: dict[str, torch.Tensor], args: ModelArgs, kept: KeptStructure
 ) -> dict[str, torch.Tensor]:
-    """The state dict of the compacted model (new layer numbering), as contiguous copies."""
+    """The state dict of the compacted model (new layer numbering), as contiguous copies (made once:
+    the compacted model can take them with `load_state_dict(..., assign=True)`)."""
     hidden = torch.tensor(kept.hidden, dtype=torch.long)
     hd = args.head_dim
     out = {
@@ -114,11 +115,11 @@ def slice_state_dict(
             out[dst + attn + "k_proj.bias"] = state[src + attn + "k_proj.bias"][kv_rows]
             out[dst + attn + "v_proj.bias"] = state[src + attn + "v_proj.bias"][kv_rows]
         if args.qk_norm:
-            out[dst + attn + "q_norm.weight"] = state[src + attn + "q_norm.weight"]
-            out[dst + attn + "k_norm.weight"] = state[src + attn + "k_norm.weight"]
+            out[dst + attn + "q_norm.weight"] = state[src + attn + "q_norm.weight"].clone()
+            out[dst + attn + "k_norm.weight"] = state[src + attn + "k_norm.weight"].clone()
         out[dst + "mlp.gate_proj.weight"] = state[src + "mlp.gate_proj.weight"][channels][:, hidden]
         out[dst + "mlp.up_proj.weight"] = state[src + "mlp.up_proj.weight"][channels][:, hidden]
         out[dst + "mlp.down_proj.weight"] = state[src + "mlp.down_proj.weight"][hidden][:, channels]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[dst + norm + ".weight"] = state[src + norm + ".weight"][hidden]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return out  # indexing by index tensors copies, so every entry is already a contiguous copy

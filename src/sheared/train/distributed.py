@@ -63,7 +63,8 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistEnv:
         raise UserError(
             f"distributed.strategy is none but torchrun started {world} processes; use ddp or fsdp"
         )
-    if world > 1 and not dist.is_initialized():
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if (world > 1 or (strategy == "fsdp" and under_torchrun)) and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, strategy=strategy)
