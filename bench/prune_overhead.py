@@ -15,9 +15,10 @@ millisecond) minus the memory after building the model. Goals: time ratio <= 1.1
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
-import ctypes
 import statistics
 import subprocess
 import sys
@@ -103,10 +104,8 @@ def _rss_kib() -> int:
 
 def _release_free_memory() -> None:
     """Give freed heap pages back (glibc), so the start is not inflated by the build's temporaries."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 class RssSampler:

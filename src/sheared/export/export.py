@@ -186,7 +186,9 @@ def export_model(
         )
         with torch.device("meta"):
             small = CausalLM(target_args)  # takes the slices themselves: one copy of the target
-        small.load_state_dict(slice_state_dict(model.state_dict(), model.args, kept), strict=True, assign=True)
+        small.load_state_dict(
+            slice_state_dict(model.state_dict(), model.args, kept), strict=True, assign=True
+        )
     else:
         small = model
     save_hf(small, out, tokenizer=source.tokenizer, base_config=source.hf_config, dtype=dtype)

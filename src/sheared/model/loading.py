@@ -217,7 +217,8 @@ def _read_safetensors(file: Path, skip: Callable[[str], bool]):
         header = json.loads(f.read(header_len))
         start = 8 + header_len
         entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+            ((k, v) for k, v in header.items() if k != "__metadata__"),
+            key=lambda kv: kv[1]["data_offsets"][0],
         )
         for name, entry in entries:
             if skip(name):

@@ -219,6 +219,25 @@ def _method_lines(cfg: PruneConfig, num_domains: int | None, seq_len: int | None
     return [line]
 
 
+def _memory_line(strategy: str, world: int, args: ModelArgs | None) -> str:
+    """What each rank holds: DDP keeps a full replica by definition, FSDP2 1/world of it."""
+    strategy = ("ddp" if world > 1 else "none") if strategy == "auto" else strategy
+    state = ""
+    if args is not None:  # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
+        full = parameter_counts(args)["num_params"] * 16 / 2**30
+        share = full / world if strategy == "fsdp" else full
+        state = f" ≈ {share:,.2f} GiB of weights, gradients and optimizer state per rank;"
+    if strategy == "fsdp":
+        how = (
+            f"each rank holds 1/{world} of the model, read by slice from the source (no rank loads it whole)"
+        )
+    elif strategy == "ddp":
+        how = "every rank holds a full replica of the model (DDP by definition; fsdp shards it)"
+    else:
+        how = "one process holds the whole model"
+    return f"memory:{state} {how}"
+
+
 def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len: int | None) -> list[str]:
     loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -240,6 +259,7 @@ def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len:
         *lines,
         f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; "
         f"strategy {cfg.distributed.strategy}",
+        _memory_line(cfg.distributed.strategy, world, args),
         f"precision: {precision} ({why})",
         f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
         f"{cfg.optim.min_lr_ratio:g}×"
