@@ -157,18 +157,20 @@ def export_model(
     ids: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     extra_files: dict[str, Any] | None = None,
+    release_weights: bool = False,
 ) -> dict[str, Any]:
     """Compact (when `masks` are given), save as a HF directory, verify; returns the report.
 
     Args:
-        model: our model holding the weights to export (rounded in place to `dtype`); its weights are
-            released (moved to the meta device) before the reload, so it cannot be used afterwards.
+        model: our model holding the weights to export (rounded in place to `dtype`).
         masks: exact-target binary masks, or None to export `model` as it is.
         out: output directory (created; must be checked by the caller).
         source: the source (tokenizer and base config of the family).
         ids: real token ids (B, T) for the verification.
         dtype: dtype of the saved weights.
         extra_files: name -> JSON data written next to the weights.
+        release_weights: free `model`'s weights (move it to the meta device) before the reload, so
+            the peak is the source plus the target; `model` cannot be used afterwards.
     """
     model = model.float().eval()
     with torch.no_grad():
@@ -194,7 +196,8 @@ def export_model(
     save_hf(small, out, tokenizer=source.tokenizer, base_config=source.hf_config, dtype=dtype)
     exported_num_params = small.num_params()
     del small
-    model.to("meta")  # the weights are saved and `expected` computed: the reload is the only model left
+    if release_weights:  # saved, and `expected` computed: the reload is then the only model in memory
+        model.to("meta")
     for name, content in (extra_files or {}).items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     diff = verify_export(out, expected, ids)
@@ -302,6 +305,7 @@ def export_run(
             ids=ids,
             dtype=DTYPES[dtype],
             extra_files={RUN_STATE_FILE: run_state},
+            release_weights=True,
         )
         report.update(
             {
