@@ -134,9 +134,6 @@ def test_oneshot_budget_run_uses_the_lowest_calibration_loss(budget_config, tmp_
     scores = torch.load(files.scores, weights_only=True)["scores"]
     data = PreparedData.open(cfg.data.path)
     for c in measured:
-        assert abs(c["num_params_non_embedding"] / 53_101_728 - 1) <= 0.01
-    worst = max(measured, key=lambda c: c["calibration_loss"])
-    for c in (best, worst):  # the lowest and the highest measured loss, checked from the full logits
         shape = TargetShape(**{k: c[k] for k in SHAPE_KEYS})
         loss = _calibration_loss(model, data, select_masks(scores, mask_specs(args, shape)), 4)
         assert loss == pytest.approx(c["calibration_loss"], abs=2e-5)
