@@ -8,9 +8,33 @@ import socket
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sheared.model import CausalLM, args_from_hf_config
+from sheared.model import CausalLM, ModelArgs, args_from_hf_config
 
 VOCAB = 97
+
+# Real shapes for counting tests (SPEC §1 and §3): no weights are built from them.
+LLAMA2_7B = ModelArgs(
+    family="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+)
+# 30 layers, hidden 576, 9 heads in 3 KV groups, head_dim 64, intermediate 1536, tied.
+SMOLLM2 = ModelArgs(
+    family="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_hf_config(family: str = "llama", *, heads: int = 6, kv_heads: int = 3, tied: bool = False, **extra):

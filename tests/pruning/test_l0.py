@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import ours_from_hf, tiny_hf_model, token_batch
+from helpers import LLAMA2_7B, ours_from_hf, tiny_hf_model, token_batch
 
 from sheared.errors import UserError
 from sheared.model import CausalLM, ModelArgs, args_from_hf_config, read_source_config
@@ -12,16 +12,6 @@ from sheared.pruning.constraint import warmed_up_target
 from sheared.pruning.params import expected_num_params
 from sheared.pruning.target import mask_specs
 
-LLAMA2_7B = ModelArgs(
-    family="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=128,
-)
 # 4 layers, hidden 64, 8 query heads in 2 KV groups (r = 4), intermediate 96.
 GQA_SOURCE = ModelArgs(
     family="llama",

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from helpers import ours_from_hf, tiny_hf_model, token_batch
+from helpers import LLAMA2_7B, SMOLLM2, ours_from_hf, tiny_hf_model, token_batch
 
 from sheared.errors import UserError
 from sheared.export import export_model
@@ -17,28 +17,6 @@ from sheared.pruning.importance import random_scores, select_masks
 from sheared.pruning.search import BUDGET_TOLERANCE, rank_key, search_target, valid_shapes
 from sheared.pruning.target import SHAPE_KEYS, TargetBudget, TargetShape, mask_specs, parse_count
 
-# SpEC §1 facts: 30 layers, hidden 576, 9 heads in 3 KV groups, head_dim 64, intermediate 1536, tied.
-SMOLLM2 = ModelArgs(
-    family="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    tie_word_embeddings=True,
-)
-LLAMA2_7B = ModelArgs(
-    family="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=128,
-)
 QWEN2_SMALL = ModelArgs(  # q/k/v biases, untied, 2 query heads per KV group
     family="qwen2",
     vocab_size=1000,
