@@ -17,6 +17,7 @@ FLOORS = {
     "config": 0,
     "files": 0,
     "hardware": 0,
+    "precision": 0,
     "model": 1,
     "pruning": 2,
     "data": 3,

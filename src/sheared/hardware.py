@@ -1,7 +1,7 @@
 """The machine a command runs on: CPU model and feature flags, and the precision that suits it.
 
 Benchmarks print `machine_summary()` so that every row of docs/benchmarks.md says where it was
-measured; `resolve_precision` is `train.precision: auto` (SPEC §10).
+measured; `cpu_bf16_support` decides `train.precision: auto` (`sheared.precision`, SPEC §10).
 """
 
 from __future__ import annotations
@@ -47,17 +47,6 @@ def cpu_bf16_support() -> tuple[bool, str]:
     if found:
         return True, f"CPU has {'/'.join(found)} ({capability})"
     return False, f"CPU lacks avx512_bf16/amx_bf16 ({capability}): bf16 would be emulated and slow"
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
-    """`fp32` or `bf16` for `train.precision` (`auto` decides by the hardware), and why (SPEC §10)."""
-    if precision != "auto":
-        return precision, "as configured"
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        return ("bf16" if supported else "fp32"), f"CUDA device {'supports' if supported else 'lacks'} bf16"
-    supported, why = cpu_bf16_support()
-    return ("bf16" if supported else "fp32"), why
 
 
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sheared import hardware
-from sheared.hardware import resolve_precision
+from sheared.precision import resolve_precision
 from sheared.train.loop import run
 from sheared.train.run_files import read_metrics
 

@@ -11,17 +11,19 @@ from sheared.errors import UserError
 
 # RoPE variants our decoder computes (see `decoder.inv_frequencies`).
 ROPE_TYPES = ("default", "linear", "llama3")
-# The fields that describe a model's shape, in the order tables show them.
-SHAPE_FIELDS = (
+# The one list of shape fields (tests/test_layers.py refuses another written out elsewhere).
+# The five numbers pruning changes — a target shape — in the order `describe` and tables show them.
+TARGET_FIELDS = (
     "num_hidden_layers",
     "hidden_size",
     "num_attention_heads",
     "num_key_value_heads",
-    "head_dim",
     "intermediate_size",
-    "vocab_size",
-    "tie_word_embeddings",
 )
+# Every field that describes a model's shape (what `sheared info` and export reports show).
+SHAPE_FIELDS = (*TARGET_FIELDS, "head_dim", "vocab_size", "tie_word_embeddings")
+# The shape entries of a Hugging Face config (or GGUF header): the shape and the size-related numerics.
+CONFIG_SHAPE_FIELDS = (*SHAPE_FIELDS, "rms_norm_eps", "max_position_embeddings")
 
 
 @dataclass(frozen=True)

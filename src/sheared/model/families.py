@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from sheared.errors import UserError
-from sheared.model.args import ROPE_TYPES, ModelArgs
+from sheared.model.args import CONFIG_SHAPE_FIELDS, ROPE_TYPES, ModelArgs
 
 
 @dataclass(frozen=True)
@@ -105,19 +105,6 @@ def args_from_hf_config(config: PretrainedConfig, where: str = "config.json") ->
     )
 
 
-# Config entries describing the shape; replaced when a config is written for new args.
-_SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "max_position_embeddings",
-)
 # Entries of a source config that describe a file, a quantization or a load, not the model.
 _DROPPED_KEYS = (
     "quantization_config",
@@ -136,7 +123,7 @@ def hf_config_from_args(args: ModelArgs, base: dict[str, Any] | None = None) -> 
     """
     family = get_family(args.family)
     values = {k: v for k, v in (base or {}).items() if k not in _DROPPED_KEYS and k != "model_type"}
-    values.update({k: getattr(args, k) for k in _SHAPE_KEYS})
+    values.update({k: getattr(args, k) for k in CONFIG_SHAPE_FIELDS})  # replaced for the new args
     values["rope_parameters"] = {
         "rope_type": args.rope_type,
         "rope_theta": args.rope_theta,

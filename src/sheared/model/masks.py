@@ -42,8 +42,8 @@ class Masks:
         """Names of the mask types that are set."""
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    def to(self, dtype: torch.dtype) -> Masks:
-        """The same masks cast to `dtype` (the activations' dtype)."""
+    def to(self, dtype: torch.dtype | torch.device) -> Masks:
+        """The same masks cast to `dtype` (the activations' dtype) or moved to a device."""
         return Masks(**{f.name: _cast(getattr(self, f.name), dtype) for f in fields(self)})
 
     def for_layer(
@@ -89,5 +89,5 @@ class LayerMasks(NamedTuple):
 NO_LAYER_MASKS = LayerMasks(None, None, None, None)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)

@@ -19,6 +19,7 @@ import torch
 
 from sheared.model.args import ModelArgs
 from sheared.model.masks import Masks
+from sheared.pruning.target import TargetShape
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class KeptStructure:
     layers: list[LayerKeep]
     hidden: list[int]
     """Kept residual dimensions, ascending."""
+
+    def shape(self) -> TargetShape:
+        """The shape of the model these structures make (every kept layer keeps as many of each)."""
+        first = self.layers[0]
+        return TargetShape(
+            len(self.layers),
+            len(self.hidden),
+            len(first.query_heads),
+            len(first.kv_heads),
+            len(first.intermediate),
+        )
 
     def summary(self) -> dict:
         """Readable counts: kept layers, and per kept layer its KV heads, query heads, channels."""

@@ -220,7 +220,7 @@ def _collect(
     """The candidates within the tolerance, and the nearest valid shape below and above it."""
     inside: list[Candidate] = []
     nearest: dict[str, Candidate] = {}
-    source_shape = TargetShape(*(getattr(source, k) for k in SHAPE_KEYS))
+    source_shape = TargetShape.of(source)
     for shape, in_window in _shapes_near(source, budget, goal, width_multiple):
         if shape == source_shape:
             continue

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sheared.errors import UserError
-from sheared.model.args import ModelArgs
+from sheared.model.args import TARGET_FIELDS, ModelArgs
 
 # Mask types in the order they are created and reported; names equal the `Masks` fields.
 MASK_TYPES = ("layer", "kv_group", "head", "intermediate", "hidden")
 # The five numbers of a target shape, in the order `describe` and tables show them.
-SHAPE_KEYS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-)
+SHAPE_KEYS = TARGET_FIELDS
 # The kinds of budget a target may be given as instead (exactly one of them).
 BUDGET_KINDS = ("params", "params_fraction", "memory_mb")
 # Bytes per weight of `memory_mb` budgets; int8 stands for q8-like formats (their per-block
@@ -56,6 +51,16 @@ class TargetShape:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
 
+    @classmethod
+    def of(cls, shape: Any) -> TargetShape:
+        """The five numbers of a `ModelArgs` (or any object or mapping with them)."""
+        get = shape.get if isinstance(shape, Mapping) else lambda key: getattr(shape, key)
+        return cls(**{k: get(k) for k in SHAPE_KEYS})
+
+    def as_dict(self) -> dict[str, int]:
+        """The five numbers by name, in `SHAPE_KEYS` order."""
+        return {k: getattr(self, k) for k in SHAPE_KEYS}
+
     @property
     def heads_per_group(self) -> int:
         """Query heads per kept KV group, r_T = H_T / G_T."""
@@ -79,13 +84,7 @@ class TargetShape:
 
     def model_args(self, source: ModelArgs) -> ModelArgs:
         """The source's args with this shape (head_dim, family and numerics unchanged)."""
-        return source.replace(
-            num_hidden_layers=self.num_hidden_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            intermediate_size=self.intermediate_size,
-        )
+        return source.replace(**self.as_dict())
 
 
 def parse_count(text: int | float | str, what: str = "params") -> int:

@@ -32,6 +32,7 @@ from sheared.pruning.importance import (
     magnitude_scores,
     random_scores,
 )
+from sheared.pruning.target import TargetShape
 from sheared.train.config import PruneConfig
 from sheared.train.distributed import DistEnv, all_reduce_sum_
 
@@ -58,23 +59,27 @@ def _batches(data: PreparedData, items: list[tuple[str, int]], env: DistEnv, pro
 
 
 def _activation_scores(
-    cfg: PruneConfig,
     model: CausalLM | torch.nn.Module,
     args: ModelArgs,
     data: PreparedData,
     env: DistEnv,
-    **kw,
+    *,
+    calibration: int,
+    keep_layers: int | None,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
 ) -> Scores:
-    items = calibration_items(data, cfg.pruning.calibration)
+    """Activation scores of the full model; with `keep_layers`, the widths are scored again after
+    dropping the layers block influence drops (`width_scores: after_depth`)."""
+    items = calibration_items(data, calibration)
 
     def stats(masks: Masks | None) -> Scores:
-        batches = _batches(data, items, env, kw["progress"])
+        batches = _batches(data, items, env, progress)
         reduce = lambda t: all_reduce_sum_(t, env)  # noqa: E731
-        return activation_stats(model, args, batches, masks, reduce, kw["autocast_dtype"]).scores(args)
+        return activation_stats(model, args, batches, masks, reduce, autocast_dtype).scores(args)
 
     scores = stats(None)
-    keep_layers = cfg.pruning.target.num_hidden_layers
-    if cfg.pruning.width_scores == "after_depth" and keep_layers < args.num_hidden_layers:
+    if keep_layers is not None and keep_layers < args.num_hidden_layers:
         width = stats(Masks(layer=top_k_binary(scores["layer"].float(), keep_layers).to(env.device)))
         scores = {**width, "layer": scores["layer"]}
     return scores
@@ -87,13 +92,20 @@ def compute_scores(
     data: PreparedData,
     env: DistEnv,
     *,
+    target: TargetShape | None,
+    method: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[Scores, dict[str, Any]]:
-    """The scores `cfg.pruning` asks for (read from `pruning.scores` when given), and how they were made."""
+    """The scores `cfg.pruning` asks for (read from `pruning.scores` when given), and how they were made.
+
+    `target`: the run's exact target (read by `width_scores: after_depth`); None scores the full
+    model only, as a budget's search does. `method`: the scoring method (default: the run's own).
+    """
     if cfg.pruning.scores is not None:
         return load_scores(cfg.pruning.scores, args)
-    method, t0 = cfg.pruning.scoring, time.perf_counter()
+    method, t0 = method or cfg.pruning.scoring, time.perf_counter()
+    width_scores = cfg.pruning.width_scores if target is not None else "full"
     info: dict[str, Any] = {"method": method, "calibration_tokens": 0}
     if method == "random":
         scores = random_scores(args, cfg.train.seed)
@@ -103,15 +115,22 @@ def compute_scores(
         was_training = model.training
         model.eval()
         scores = _activation_scores(
-            cfg, model, args, data, env, autocast_dtype=autocast_dtype, progress=progress
+            model,
+            args,
+            data,
+            env,
+            calibration=cfg.pruning.calibration,
+            keep_layers=target.num_hidden_layers if width_scores == "after_depth" else None,
+            autocast_dtype=autocast_dtype,
+            progress=progress,
         )
         model.train(was_training)
-        passes = 2 if cfg.pruning.width_scores == "after_depth" else 1
+        passes = 2 if width_scores == "after_depth" else 1
         sequences = cfg.pruning.calibration * len(data.domains)
         info.update(
             calibration_sequences=sequences,
             calibration_tokens=sequences * data.seq_len * passes,
-            width_scores=cfg.pruning.width_scores,
+            width_scores=width_scores,
         )
     info["seconds"] = time.perf_counter() - t0
     return scores, info

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sheared.errors import UserError
+from sheared.precision import Precision
 from sheared.train.config import DistributedConfig
 
 
@@ -40,22 +41,26 @@ class DistEnv:
         return self.world_size > 1
 
 
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """`train.device` (`auto`: CUDA when available; `cpu`; `cuda`) as this process's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available; use device=cpu or auto")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(cfg: DistributedConfig, device: str) -> DistEnv:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK) and pick a device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"train.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no CUDA device is available; use device=cpu or auto")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = pick_device(device, local_rank)
     strategy = cfg.strategy
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"
@@ -81,12 +86,12 @@ def _checkpoint_layers(model: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(layer)
 
 
-def _fully_shard(model: nn.Module, bf16: bool) -> None:
+def _fully_shard(model: nn.Module, precision: Precision) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise UserError("distributed.strategy fsdp needs torchrun (a process group), even for one process")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -105,7 +110,9 @@ def _local_rows(param: torch.Tensor, env: DistEnv) -> slice | None:
     return slice(start, min(start + chunk, rows))
 
 
-def load_sharded(spec: str, env: DistEnv, activation_checkpointing: bool, bf16: bool, frozen: bool = False):
+def load_sharded(
+    spec: str, env: DistEnv, activation_checkpointing: bool, precision: Precision, frozen: bool = False
+):
     """The source built on the meta device, sharded with FSDP2, materialised empty, and filled by each
     rank with its own rows only (read by slice from the safetensors files): no rank ever holds the
     whole model. Returns a `Source` whose model is already wrapped."""
@@ -118,7 +125,7 @@ def load_sharded(spec: str, env: DistEnv, activation_checkpointing: bool, bf16: 
         model = CausalLM(args)
     if activation_checkpointing:
         _checkpoint_layers(model)
-    _fully_shard(model, bf16)
+    _fully_shard(model, precision)
     model.to_empty(device=env.device)
     reader = TensorReader(args, path)
     with torch.no_grad():
@@ -137,10 +144,12 @@ def load_sharded(spec: str, env: DistEnv, activation_checkpointing: bool, bf16: 
     )
 
 
-def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, bf16: bool) -> nn.Module:
+def wrap_model(
+    model: nn.Module, env: DistEnv, activation_checkpointing: bool, precision: Precision
+) -> nn.Module:
     """Activation checkpointing per decoder layer, then DDP or FSDP2 (`fully_shard` per layer, then root).
 
-    Under FSDP2 with `bf16`, parameters are gathered in bf16 for compute while the sharded fp32
+    Under FSDP2 in bf16, parameters are gathered in bf16 for compute while the sharded fp32
     parameters stay the master weights (gradients reduced in fp32). Runs loaded by `load_sharded`
     are sharded already and do not come here.
     """
@@ -155,7 +164,7 @@ def wrap_model(model: nn.Module, env: DistEnv, activation_checkpointing: bool, b
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
     if env.strategy == "fsdp":
-        _fully_shard(model, bf16)
+        _fully_shard(model, precision)
     return model
 
 

@@ -14,6 +14,7 @@ Reads top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -34,9 +35,8 @@ from sheared.data.dbl import (
 from sheared.data.sampler import DomainMixtureSampler, rank_slice
 from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
-from sheared.eval.domain_loss import DomainMetrics, domain_metrics
+from sheared.eval.domain_loss import DomainMetrics
 from sheared.eval.loss import LossParts, fused_loss, next_token_labels
-from sheared.hardware import resolve_precision
 from sheared.model import CausalLM, Masks, parameter_counts
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
@@ -53,14 +53,20 @@ from sheared.train.distributed import (
     average_gradients,
     barrier,
     gradient_sync,
-    init_distributed,
     shutdown,
     wrap_model,
 )
 from sheared.train.metrics import MetricsWriter
 from sheared.train.oneshot import run_oneshot
 from sheared.train.optim import build_optimizer, lr_multiplier, set_learning_rates
-from sheared.train.setup import RunResult, initial_sampler, load_model_and_data, resolve_target
+from sheared.train.setup import (
+    Resolved,
+    RunResult,
+    evaluate,
+    initial_sampler,
+    load_run_inputs,
+    resolve_run,
+)
 from sheared.train.teacher import load_teacher
 from sheared.train.teacher import output_weight as teacher_output_weight
 
@@ -79,7 +85,8 @@ class RunState:
     optimizer: torch.optim.Optimizer
     data: PreparedData
     sampler: DomainMixtureSampler
-    autocast_dtype: torch.dtype | None
+    resolved: Resolved
+    """Device, precision, exact target and stream start, decided once by `set_up`."""
     accumulation_steps: int
     teacher: nn.Module | None = None
     """The frozen distillation teacher (not checkpointed), or None."""
@@ -108,20 +115,7 @@ class RunState:
 
     def evaluate(self, masks: Masks | None) -> DomainMetrics:
         """Per-domain eval loss of the (wrapped) model (and KL to the teacher), summed over ranks."""
-        return domain_metrics(
-            self.trainable.model,
-            self.data,
-            batch_size=self.cfg.data.eval_batch_size,
-            masks=masks,
-            max_sequences=self.cfg.data.max_eval_sequences,
-            device=self.env.device,
-            autocast_dtype=self.autocast_dtype,
-            teacher=self.teacher,
-            teacher_weight=(lambda: teacher_output_weight(self.teacher))
-            if self.teacher is not None
-            else None,
-            chunk_size=self.cfg.train.loss_chunk_tokens,
-        )
+        return evaluate(self.trainable.model, self.data, self.cfg, self.resolved, masks, teacher=self.teacher)
 
 
 def mask_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
@@ -134,15 +128,14 @@ def run(
     cfg: PruneConfig | TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
 ) -> RunResult:
     """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`."""
-    env = init_distributed(cfg.distributed, cfg.train.device)
+    resolved = resolve_run(cfg)
+    env = resolved.env
     try:
-        precision, why = resolve_precision(cfg.train.precision, env.device)
         if env.is_main and progress:
-            print(f"precision: {precision} ({why})", flush=True)
-        bf16 = precision == "bf16"
+            print(f"precision: {resolved.precision.describe()}", flush=True)
         if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
-            return run_oneshot(cfg, rf.RunDir(run_dir), env, resume, progress and env.is_main, bf16)
-        state = set_up(cfg, rf.RunDir(run_dir), env, resume, bf16)
+            return run_oneshot(cfg, rf.RunDir(run_dir), resolved, resume, progress and env.is_main)
+        state = set_up(cfg, rf.RunDir(run_dir), resolved, resume)
         return _train(state, progress and env.is_main)
     finally:
         shutdown(env)
@@ -186,37 +179,26 @@ def _train(state: RunState, progress: bool) -> RunResult:
 # --- 1. set-up -------------------------------------------------------------------------------------
 
 
-def set_up(
-    cfg: PruneConfig | TrainConfig, files: rf.RunDir, env: DistEnv, resume: bool, bf16: bool = False
-) -> RunState:
-    """Everything a run needs before its first step, resumed from the newest checkpoint if asked.
-
-    `bf16`: bfloat16 autocast (the resolved `train.precision`).
-    """
-    loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
+def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved, resume: bool) -> RunState:
+    """Everything a run needs before its first step, resumed from the newest checkpoint if asked."""
+    loop, pruning, env = cfg.train, isinstance(cfg, PruneConfig), resolved.env
     files.check_fresh(resume)
-    torch.manual_seed(loop.seed)
-    source, data = load_model_and_data(cfg, env, bf16)
-    scored = None
-    if pruning:  # a budget becomes its exact shape here, before anything uses the target
-        autocast = torch.bfloat16 if bf16 else None  # as `_initialise_masks` scores, so its scores are reused
-        cfg, scored = resolve_target(
-            cfg, source, data, env, files, resume=resume, autocast_dtype=autocast, progress=env.is_main
-        )
-    model, model_path = source.model, source.path
-    teacher = load_teacher(cfg, source.tokenizer, model_path, env, bf16) if cfg.distill.enabled else None
+    inputs = load_run_inputs(cfg, files, resolved, resume=resume, progress=env.is_main)
+    source, data, resolved = inputs.source, inputs.data, inputs.resolved
+    model, model_path, precision = source.model, source.path, resolved.precision
+    teacher = load_teacher(cfg, source.tokenizer, model_path, env, precision) if cfg.distill.enabled else None
     l0 = lagrangian = None
     if pruning:
-        l0 = L0Module(model.args, cfg.pruning.target).to(env.device)
+        l0 = L0Module(model.args, resolved.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
         if cfg.pruning.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
-            _initialise_masks(cfg, l0, model, data, env, files, bf16, scored)
+            _initialise_masks(cfg, l0, model, data, resolved, files, inputs.scored)
         lagrangian = LagrangianConstraint(l0.specs).to(env.device)
     previous = {} if pruning else rf.read_run_state(model_path)
     sampler = initial_sampler(cfg, data, previous)
     trainable = Trainable(model, l0, lagrangian)
     if env.strategy != "fsdp":  # FSDP2 runs are sharded while loading
-        trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, bf16)
+        trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, precision)
     if loop.compile:
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names and checkpoints stay the same
@@ -236,7 +218,7 @@ def set_up(
         optimizer=optimizer,
         data=data,
         sampler=sampler,
-        autocast_dtype=torch.bfloat16 if bf16 and env.strategy != "fsdp" else None,
+        resolved=resolved,
         accumulation_steps=loop.accumulation_steps(env.world_size),
         teacher=teacher,
         dead_run=DeadRunGuard(loop.dead_steps, math.log(model.args.vocab_size)),
@@ -246,13 +228,20 @@ def set_up(
 
 
 def _initialise_masks(
-    cfg: PruneConfig, l0: L0Module, model: CausalLM, data, env: DistEnv, files, bf16: bool, scored=None
+    cfg: PruneConfig, l0: L0Module, model: CausalLM, data, resolved: Resolved, files, scored=None
 ) -> None:
     """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt);
     `scored`: (scores, info) a budget's search already computed the same way."""
-    autocast = torch.bfloat16 if bf16 else None
+    env = resolved.env
     scores, info = scored or compute_scores(
-        cfg, model, model.args, data, env, autocast_dtype=autocast, progress=env.is_main
+        cfg,
+        model,
+        model.args,
+        data,
+        env,
+        target=resolved.target,
+        autocast_dtype=resolved.precision.autocast_dtype,
+        progress=env.is_main,
     )
     l0.reset_parameters_from_scores(scores)
     if env.is_main:
@@ -277,7 +266,7 @@ def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) ->
         state.reference = reference if reference is not None else state.evaluate(None).loss
         if env.is_main:
             ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
-            save_config(state.cfg, files.config)
+            save_config(state.resolved.config_to_save(state.cfg), files.config)
         return
     saved = ckpt.load_checkpoint(checkpoint, state.trainable, state.optimizer)
     batch = state.cfg.train.global_batch_size
@@ -287,11 +276,14 @@ def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) ->
             f"resume with the same value (got {batch})"
         )
     state.sampler.load_state_dict(saved["sampler"])
+    state.resolved = dataclasses.replace(state.resolved, stream_start=f"checkpoint step {saved['step']}")
     state.step, state.tokens, state.history = saved["step"], saved["tokens"], saved["history"]
     state.reference, state.resumed = saved["reference_losses"], True
     if env.is_main:
         ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
-        save_config(state.cfg, files.next_resume_config())  # the original config.yaml stays as it was
+        save_config(
+            state.resolved.config_to_save(state.cfg), files.next_resume_config()
+        )  # the original config.yaml stays as it was
 
 
 # --- 2. one step -----------------------------------------------------------------------------------
@@ -360,9 +352,9 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
 
 def _micro_batch_loss(state: RunState, ids: torch.Tensor, masks: Masks | None) -> LossParts:
     """(1 - α)·CE + α·τ²·KD of one micro-batch (B, T) under `masks`, by the fused chunked loss."""
-    dtype, distill = state.autocast_dtype, state.cfg.distill
+    distill = state.cfg.distill
     labels = next_token_labels(ids)  # (B, T)
-    with torch.autocast(state.env.device.type, dtype=dtype, enabled=dtype is not None):
+    with state.resolved.precision.autocast():
         teacher_hidden = teacher_weight = None
         if state.teacher is not None:
             with torch.no_grad():

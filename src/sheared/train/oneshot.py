@@ -11,13 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from sheared.config import save_config
 from sheared.data.dbl import read_reference_losses
 from sheared.data.tokens import PreparedData
-from sheared.eval.domain_loss import domain_losses
-from sheared.model import Masks
 from sheared.pruning.compaction import kept_structure
 from sheared.pruning.importance import select_masks
 from sheared.pruning.params import expected_num_params
@@ -25,15 +21,16 @@ from sheared.pruning.target import mask_specs
 from sheared.train import run_files as rf
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.config import PruneConfig
-from sheared.train.distributed import DistEnv, barrier
+from sheared.train.distributed import barrier
 from sheared.train.metrics import MetricsWriter
-from sheared.train.setup import RunResult, initial_sampler, load_model_and_data, resolve_target
+from sheared.train.setup import Resolved, RunResult, evaluate, initial_sampler, load_run_inputs
 
 
 def run_oneshot(
-    cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, progress: bool, bf16: bool = False
+    cfg: PruneConfig, files: rf.RunDir, resolved: Resolved, resume: bool, progress: bool
 ) -> RunResult:
     """Score, select the exact target, evaluate and write the run directory."""
+    env = resolved.env
     done = rf.read_final_state(files.path) if resume else None
     if done is not None and files.masks.is_file():
         print(f"one-shot run {files.path} is complete; nothing to resume")
@@ -42,36 +39,29 @@ def run_oneshot(
         files.check_fresh(resume)
     if env.is_main:
         files.path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    source, data = load_model_and_data(cfg, env, bf16)
-    model = source.model.eval()
-    autocast = torch.bfloat16 if bf16 and env.strategy != "fsdp" else None
-    wrapped = model  # sharded while loading under FSDP2; one-shot scoring needs no DDP wrapper
-    cfg, scored = resolve_target(
-        cfg, source, data, env, files, resume=resume, autocast_dtype=autocast, progress=progress
-    )
+    inputs = load_run_inputs(cfg, files, resolved, resume=resume, progress=progress)
+    data, resolved = inputs.data, inputs.resolved
+    model = inputs.source.model.eval()  # sharded while loading under FSDP2; scoring needs no DDP wrapper
     if env.is_main:
-        save_config(cfg, files.config)  # the exact target, also when it was given as a budget
-    scores, info = scored or compute_scores(
-        cfg, wrapped, model.args, data, env, autocast_dtype=autocast, progress=progress
+        save_config(resolved.config_to_save(cfg), files.config)  # the exact target, also of a budget
+    scores, info = inputs.scored or compute_scores(
+        cfg,
+        model,
+        model.args,
+        data,
+        env,
+        target=resolved.target,
+        autocast_dtype=resolved.precision.autocast_dtype,
+        progress=progress,
     )
-    specs = mask_specs(model.args, cfg.pruning.target)
+    specs = mask_specs(model.args, resolved.target)
     masks = select_masks(scores, specs)
-
-    def evaluate(m: Masks | None) -> dict[str, float]:
-        return domain_losses(
-            wrapped,
-            data,
-            batch_size=cfg.data.eval_batch_size,
-            masks=None if m is None else Masks(**{n: getattr(m, n).to(env.device) for n in m.names()}),
-            max_sequences=cfg.data.max_eval_sequences,
-            device=env.device,
-            autocast_dtype=autocast,
-        )
-
-    reference = read_reference_losses(cfg.data.reference_losses, data.domains, {}) or evaluate(None)
-    losses = evaluate(masks)
+    reference = (
+        read_reference_losses(cfg.data.reference_losses, data.domains, {})
+        or evaluate(model, data, cfg, resolved).loss
+    )
+    losses = evaluate(model, data, cfg, resolved, masks).loss
     weights = dict(zip(data.domains, initial_sampler(cfg, data, {}).weights))
     state = {
         "step": 0,
@@ -84,20 +74,22 @@ def run_oneshot(
         "seconds": time.perf_counter() - t0,
     }
     if env.is_main:
-        _write(files, cfg, model.args, scores, info, masks, specs, state, data)
+        _write(
+            files, resolved.target, model.args, scores, info, masks, specs, state, data, cfg.pruning.method
+        )
     barrier(env)
     return _result(files.path, state, losses)
 
 
-def _write(files, cfg, args, scores, info, masks, specs, state, data: PreparedData) -> None:
+def _write(files, target, args, scores, info, masks, specs, state, data: PreparedData, method: str) -> None:
     save_scores(files.scores, scores, args, info)
     tensors = {name: getattr(masks, name) for name in masks.names()}
     summary = kept_structure(args, masks).summary()
     summary["expected_minus_target_sparsity"] = dict.fromkeys(tensors, 0.0)
-    summary["target"] = vars(cfg.pruning.target)
-    summary["method"] = cfg.pruning.method
+    summary["target"] = vars(target)
+    summary["method"] = method
     rf.save_final_masks(
-        files.path, tensors, {"target": vars(cfg.pruning.target), "source": vars(args), "summary": summary}
+        files.path, tensors, {"target": vars(target), "source": vars(args), "summary": summary}
     )
     record = {"step": 0, "tokens": state["tokens"], "calibration_seconds": info["seconds"]}
     for spec in specs:

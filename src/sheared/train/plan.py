@@ -6,7 +6,6 @@ device only to count parameters), so a plan for a 7B recipe prints on any machin
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -14,9 +13,9 @@ from pathlib import Path
 import torch
 
 from sheared.errors import UserError
-from sheared.hardware import resolve_precision
 from sheared.model import CausalLM, ModelArgs, parameter_counts, read_source_config
 from sheared.model.args import describe
+from sheared.precision import Precision
 from sheared.pruning.search import (
     BUDGET_TOLERANCE,
     DEFAULT_WIDTH_MULTIPLE,
@@ -24,8 +23,9 @@ from sheared.pruning.search import (
     search_target,
     table,
 )
-from sheared.pruning.target import TargetBudget, mask_specs
+from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
 from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.distributed import pick_device
 from sheared.train.run_files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -64,10 +64,9 @@ def _meta_counts(args: ModelArgs) -> tuple[int, int]:
     return model.num_params(), prunable
 
 
-BYTES = {"fp32": 4, "bf16": 2}
-
-
-def pruning_overhead(args: ModelArgs, specs, micro_batch: int, seq_len: int | None, precision: str) -> str:
+def pruning_overhead(
+    args: ModelArgs, specs, micro_batch: int, seq_len: int | None, precision: Precision
+) -> str:
     """What pruning adds to plain training: mask parameters with their optimizer state, and the
     extra activations the masked forward keeps for the backward pass (estimate, per micro-batch)."""
     num = sum(math.prod(s.shape) for s in specs)
@@ -82,7 +81,7 @@ def pruning_overhead(args: ModelArgs, specs, micro_batch: int, seq_len: int | No
         per_token += args.intermediate_size  # scaled gated product
     if names & {"layer", "hidden"}:
         per_token += 2 * args.hidden_size  # scaled attention and MLP outputs
-    extra = args.num_hidden_layers * micro_batch * seq_len * per_token * BYTES[precision]
+    extra = args.num_hidden_layers * micro_batch * seq_len * per_token * precision.bytes_per_value
     return text + (
         f"; masked activations about {extra / 2**30:.2f} GiB more per micro-batch of {micro_batch} x {seq_len} "
         "(without activation checkpointing)"
@@ -146,8 +145,7 @@ def _source_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, where:
     ]
 
 
-def _target_lines(cfg: PruneConfig, args: ModelArgs | None, label: str = "target") -> list[str]:
-    target = cfg.pruning.target
+def _target_lines(target: TargetShape, args: ModelArgs | None, label: str = "target") -> list[str]:
     lines = [f"{label}: {describe(target)}"]
     if args is None:
         return lines
@@ -167,15 +165,15 @@ def _target_lines(cfg: PruneConfig, args: ModelArgs | None, label: str = "target
     return lines
 
 
-def _budget_lines(cfg: PruneConfig, args: ModelArgs | None) -> tuple[list[str], PruneConfig]:
-    """The rule-ranked candidates of a budget target, and the config with the one the plan assumes."""
+def _budget_lines(cfg: PruneConfig, args: ModelArgs | None) -> tuple[list[str], TargetShape | None]:
+    """The rule-ranked candidates of a budget target, and the shape the plan assumes (None: not known)."""
     p = cfg.pruning
     lines = [
         f"target: budget {p.budget.describe()} (within {BUDGET_TOLERANCE:.0%}; widths multiples of "
         f"{p.width_multiple}, or the source's own)"
     ]
     if args is None:
-        return [*lines, "  candidates: listed once the source exists (it is made when the run starts)"], cfg
+        return [*lines, "  candidates: listed once the source exists (it is made when the run starts)"], None
     search = search_shapes(cfg, args)
     shown = min(len(search.ranked), max(p.search_candidates, 5))
     lines.append(
@@ -193,9 +191,8 @@ def _budget_lines(cfg: PruneConfig, args: ModelArgs | None) -> tuple[list[str], 
     else:
         lines.append("  search: rule; the run uses #1")
     shape = search.chosen.shape
-    resolved = dataclasses.replace(cfg, pruning=dataclasses.replace(p, target=shape))
     label = "target (#1, standing in for the measured choice)" if p.search == "loss" else "target"
-    return lines + _target_lines(resolved, args, label), resolved
+    return lines + _target_lines(shape, args, label), shape
 
 
 def _method_lines(cfg: PruneConfig, num_domains: int | None, seq_len: int | None) -> list[str]:
@@ -238,15 +235,21 @@ def _memory_line(strategy: str, world: int, args: ModelArgs | None) -> str:
     return f"memory:{state} {how}"
 
 
-def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len: int | None) -> list[str]:
+def _loop_lines(
+    cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len: int | None, target: TargetShape | None
+) -> list[str]:
     loop, pruning = cfg.train, isinstance(cfg, PruneConfig)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = loop.accumulation_steps(world)
     lines = []
-    device = torch.device("cuda" if loop.device != "cpu" and torch.cuda.is_available() else "cpu")
-    precision, why = resolve_precision(loop.precision, device)
-    if pruning and args is not None:
-        specs = mask_specs(args, cfg.pruning.target)
+    # the device the run would get here (a cuda config is planned on the CPU of a machine without one)
+    device = pick_device("cpu" if loop.device == "cpu" or not torch.cuda.is_available() else "auto")
+    strategy = (
+        ("ddp" if world > 1 else "none") if cfg.distributed.strategy == "auto" else cfg.distributed.strategy
+    )
+    precision = Precision.resolve(loop.precision, device, strategy)
+    if target is not None and args is not None:
+        specs = mask_specs(args, target)
         lines.append(pruning_overhead(args, specs, loop.micro_batch_size, seq_len, precision))
     if seq_len is not None:
         per_step = loop.global_batch_size * seq_len
@@ -260,7 +263,7 @@ def _loop_lines(cfg: PruneConfig | TrainConfig, args: ModelArgs | None, seq_len:
         f"batches: {world} rank(s) × {accum} micro-batch(es) of {loop.micro_batch_size} sequences; "
         f"strategy {cfg.distributed.strategy}",
         _memory_line(cfg.distributed.strategy, world, args),
-        f"precision: {precision} ({why})",
+        f"precision: {precision.describe()}",
         f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
         f"{cfg.optim.min_lr_ratio:g}×"
         + (f"; Lagrangian warm-up {round(lag)} steps" if lag is not None else ""),
@@ -278,16 +281,18 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> s
     data_lines, seq_len, num_domains = _data_lines(cfg, cfg.data.seq_len)
     one_shot = pruning and cfg.pruning.one_shot
     budget = pruning and cfg.pruning.budget is not None
+    target = None
     if budget:
-        budget_lines, cfg = _budget_lines(cfg, args)
+        budget_lines, target = _budget_lines(cfg, args)
         lines += budget_lines
     elif pruning:
-        lines += _target_lines(cfg, args)
+        target = cfg.pruning.target
+        lines += _target_lines(target, args)
     if pruning:
         lines += _method_lines(cfg, num_domains, seq_len)
     lines += data_lines
     if not one_shot:
-        lines += _loop_lines(cfg, args, seq_len)
+        lines += _loop_lines(cfg, args, seq_len, target)
     where = run_dir if run_dir is not None else "(give --run-dir to run)"
     searched = f", {TARGET_SEARCH_FILE}" if budget else ""
     if one_shot:

@@ -1,5 +1,7 @@
-"""Set-up shared by learned (`loop`) and one-shot (`oneshot`) runs: the model and its data, the
-exact target of a budget, the initial domain sampler, and what a finished run reports."""
+"""The one set-up path of every run (learned and one-shot pruning, continued pretraining): the
+resolved plan (`Resolved`: device, precision, exact target, stream start), the model and its data,
+a budget's exact target, the initial domain sampler, the one evaluation wrapper, and what a
+finished run reports."""
 
 from __future__ import annotations
 
@@ -17,19 +19,20 @@ from sheared.data.prepare import ensure_prepared
 from sheared.data.sampler import DomainMixtureSampler
 from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
-from sheared.eval.domain_loss import domain_losses
+from sheared.eval.domain_loss import DomainMetrics, domain_metrics
 from sheared.files import atomic_write_json
-from sheared.hardware import resolve_precision
 from sheared.model import Masks, Source, load_source, read_source_config
 from sheared.model.args import ModelArgs, describe
 from sheared.model.random_source import ensure_source
+from sheared.precision import Precision
 from sheared.pruning.importance import Scores, select_masks
 from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE, TargetSearch, search_target, table
-from sheared.pruning.target import SHAPE_KEYS, TargetBudget, TargetShape, mask_specs
+from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
 from sheared.train.calibration import calibration_items, compute_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
 from sheared.train.run_files import RunDir
+from sheared.train.teacher import output_weight as teacher_output_weight
 
 
 @dataclass
@@ -43,15 +46,73 @@ class RunResult:
     domain_weights: dict[str, float]
 
 
-def load_model_and_data(
-    cfg: PruneConfig | TrainConfig, env: DistEnv, bf16: bool = False
-) -> tuple[Source, PreparedData]:
+@dataclass(frozen=True)
+class Resolved:
+    """What a run decides once, before its first step, and every room reads: where it runs, in
+    which precision, the exact target (a budget's chosen shape; None for continued pretraining),
+    and where its data stream starts. `pruning.target` of the config is never changed; a budget's
+    shape lives here."""
+
+    env: DistEnv
+    precision: Precision
+    target: TargetShape | None = None
+    stream_start: str = "step 0"
+    """Where the domain sampler starts: `step 0` of a new run (seeded by `train.seed`), or the
+    checkpoint a resumed run continues from."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    def config_to_save(self, cfg: PruneConfig | TrainConfig) -> PruneConfig | TrainConfig:
+        """The config as config.yaml records it: a budget replaced by the exact shape it chose, so that
+        export and a resumed run read a concrete target."""
+        if not isinstance(cfg, PruneConfig) or self.target is None:
+            return cfg
+        return dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, target=self.target))
+
+
+def resolve_run(cfg: PruneConfig | TrainConfig) -> Resolved:
+    """Join the process group, pick the device and resolve the precision: the start of every run."""
+    env = init_distributed(cfg.distributed, cfg.train.device)
+    precision = Precision.resolve(cfg.train.precision, env.device, env.strategy)
+    target = cfg.pruning.target if isinstance(cfg, PruneConfig) and cfg.pruning.budget is None else None
+    return Resolved(env, precision, target)
+
+
+@dataclass
+class RunInputs:
+    """What `load_run_inputs` gives both kinds of pruning run and continued pretraining."""
+
+    source: Source
+    data: PreparedData
+    resolved: Resolved
+    """With the exact target (pruning runs)."""
+    scored: tuple[Scores, dict[str, Any]] | None = None
+    """The run's own importance scores when a budget's search already made them."""
+
+
+def load_run_inputs(
+    cfg: PruneConfig | TrainConfig, files: RunDir, resolved: Resolved, *, resume: bool, progress: bool
+) -> RunInputs:
+    """The one set-up path of learned, one-shot and continued-pretraining runs: seed, model, data,
+    and (pruning) the exact target of a budget."""
+    torch.manual_seed(cfg.train.seed)
+    source, data = load_model_and_data(cfg, resolved)
+    scored = None
+    if isinstance(cfg, PruneConfig) and cfg.pruning.budget is not None:
+        shape, scored = resolve_target(cfg, source, data, resolved, files, resume=resume, progress=progress)
+        resolved = dataclasses.replace(resolved, target=shape)
+    return RunInputs(source, data, resolved, scored)
+
+
+def load_model_and_data(cfg: PruneConfig | TrainConfig, resolved: Resolved) -> tuple[Source, PreparedData]:
     """The model to train (made first when the config says how; in train mode) and its prepared data.
 
     Under FSDP2 the model comes sharded (`load_sharded`: each rank reads only its rows); otherwise
     every rank loads the whole model (DDP keeps a full replica by definition).
     """
-    spec = cfg.source_spec
+    spec, env = cfg.source_spec, resolved.env
     if isinstance(cfg, PruneConfig) and cfg.source_init is not None and env.is_main:
         ensure_source(cfg.source_init, spec)
     barrier(env)
@@ -60,7 +121,7 @@ def load_model_and_data(
     ):  # a bad budget fails before the weights load
         search_shapes(cfg, read_source_config(spec)[0])
     if env.strategy == "fsdp":
-        source = load_sharded(spec, env, cfg.distributed.activation_checkpointing, bf16)
+        source = load_sharded(spec, env, cfg.distributed.activation_checkpointing, resolved.precision)
     else:
         source = load_source(spec, device=env.device)
     if env.is_main:
@@ -72,14 +133,52 @@ def load_model_and_data(
         raise UserError(
             f"data.seq_len is {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len {data.seq_len}"
         )
-    target = cfg.pruning.target if isinstance(cfg, PruneConfig) else None
-    if isinstance(target, TargetShape) and not mask_specs(source.args, target):
+    target = resolved.target
+    if target is not None and not mask_specs(source.args, target):
         raise UserError(
             f"the target equals the source ({describe(source.args)}) in every dimension; there is nothing to "
             "prune: make at least one of pruning.target's numbers smaller"
         )
     source.model.train()
     return source, data
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data: PreparedData,
+    cfg: PruneConfig | TrainConfig,
+    resolved: Resolved,
+    masks: Masks | None = None,
+    *,
+    split: str = "eval",
+    max_sequences: int | None = None,
+    teacher: torch.nn.Module | None = None,
+) -> DomainMetrics:
+    """The one evaluation of a run: per-domain loss (and KL to a teacher) of `model` under `masks`,
+    in eval mode and the run's precision, summed over ranks; the model's mode is restored.
+
+    `split="eval"` reads `data.max_eval_sequences` held-out sequences per domain unless
+    `max_sequences` says otherwise; calibration reads the training split.
+    """
+    on_device = None if masks is None else masks.to(resolved.device)
+    was_training = model.training
+    model.eval()
+    try:
+        return domain_metrics(
+            model,
+            data,
+            split=split,
+            batch_size=cfg.data.eval_batch_size,
+            masks=on_device,
+            max_sequences=max_sequences if split != "eval" else cfg.data.max_eval_sequences,
+            device=resolved.device,
+            autocast_dtype=resolved.precision.autocast_dtype,
+            teacher=teacher,
+            teacher_weight=(lambda: teacher_output_weight(teacher)) if teacher is not None else None,
+            chunk_size=cfg.train.loss_chunk_tokens,
+        )
+    finally:
+        model.train(was_training)
 
 
 def search_shapes(cfg: PruneConfig, source: ModelArgs, measure=None) -> TargetSearch:
@@ -96,44 +195,16 @@ def search_scoring(cfg: PruneConfig) -> str:
     return cfg.pruning.scoring or "activation"
 
 
-def _search_scores_config(cfg: PruneConfig, args: ModelArgs) -> PruneConfig:
-    """`cfg` asking `compute_scores` for the `search_scoring` scores on the full model (the
-    source's own shape stands in for the target, which full-model scores do not read)."""
-    p = cfg.pruning
-    source_shape = TargetShape(*(getattr(args, k) for k in SHAPE_KEYS))
-    init = p.init if p.one_shot else search_scoring(cfg)
-    pruning = dataclasses.replace(p, target=source_shape, init=init, width_scores="full")
-    return dataclasses.replace(cfg, pruning=pruning)
-
-
 def calibration_loss(
-    cfg: PruneConfig,
-    model: torch.nn.Module,
-    data: PreparedData,
-    masks: Masks | None,
-    env: DistEnv,
-    autocast_dtype: torch.dtype | None = None,
+    cfg: PruneConfig, model: torch.nn.Module, data: PreparedData, masks: Masks | None, resolved: Resolved
 ) -> float:
     """Mean next-token loss under `masks` on the calibration sequences (the first
     `pruning.calibration` training sequences of every domain), summed over ranks; every domain
     has as many tokens, so the mean of the domains' losses is the mean over tokens."""
     calibration_items(data, cfg.pruning.calibration)  # refuses more sequences than a domain has
-    on_device = (
-        None if masks is None else Masks(**{n: getattr(masks, n).to(env.device) for n in masks.names()})
-    )
-    was_training = model.training
-    model.eval()
-    losses = domain_losses(
-        model,
-        data,
-        split="train",
-        batch_size=cfg.data.eval_batch_size,
-        masks=on_device,
-        max_sequences=cfg.pruning.calibration,
-        device=env.device,
-        autocast_dtype=autocast_dtype,
-    )
-    model.train(was_training)
+    losses = evaluate(
+        model, data, cfg, resolved, masks, split="train", max_sequences=cfg.pruning.calibration
+    ).loss
     return sum(losses.values()) / len(losses)
 
 
@@ -142,29 +213,33 @@ def measured_search(
     model: torch.nn.Module,
     args: ModelArgs,
     data: PreparedData,
-    env: DistEnv,
+    resolved: Resolved,
     *,
-    autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[TargetSearch, tuple[Scores, dict[str, Any]] | None]:
     """The budget's candidates ranked as `pruning.search` says, and the scores computed for it.
 
-    `loss`: the scores of `search_scores_config` are computed once (they do not depend on the
+    `loss`: the full model's `search_scoring` scores are computed once (they do not depend on the
     target); each of the first `pruning.search_candidates` rule-ranked shapes gets its one-shot
     masks (`select_masks`) and its calibration loss is measured; the lowest wins.
     """
     if cfg.pruning.search == "rule":
         return search_shapes(cfg, args), None
-    scoring_cfg = _search_scores_config(cfg, args)
     scores, info = compute_scores(
-        scoring_cfg, model, args, data, env, autocast_dtype=autocast_dtype, progress=progress
+        cfg,
+        model,
+        args,
+        data,
+        resolved.env,
+        target=None,  # scores of the full model: they do not depend on the target
+        method=search_scoring(cfg),
+        autocast_dtype=resolved.precision.autocast_dtype,
+        progress=progress,
     )
     bar = tqdm(total=cfg.pruning.search_candidates, desc="target search", unit="shape", disable=not progress)
 
     def measure(shape: TargetShape) -> float:
-        loss = calibration_loss(
-            cfg, model, data, select_masks(scores, mask_specs(args, shape)), env, autocast_dtype
-        )
+        loss = calibration_loss(cfg, model, data, select_masks(scores, mask_specs(args, shape)), resolved)
         bar.update(1)
         return loss
 
@@ -204,58 +279,48 @@ def search_on_data(
         source=source_spec, data=DataConfig(path=data_dir, verify="size"), pruning=pruning, train=loop
     )
     search_shapes(cfg, read_source_config(source_spec)[0])  # a bad budget fails before the weights load
-    env = init_distributed(cfg.distributed, loop.device)
-    bf16 = resolve_precision(loop.precision, env.device)[0] == "bf16"
-    source = load_source(source_spec, device=env.device)
+    resolved = resolve_run(cfg)
+    source = load_source(source_spec, device=resolved.device)
     data = PreparedData.open(data_dir, verify="size")
     data.check_tokenizer(source.tokenizer)
-    autocast = torch.bfloat16 if bf16 else None
-    return measured_search(
-        cfg, source.model, source.args, data, env, autocast_dtype=autocast, progress=progress
-    )[0]
+    return measured_search(cfg, source.model, source.args, data, resolved, progress=progress)[0]
 
 
 def resolve_target(
     cfg: PruneConfig,
     source: Source,
     data: PreparedData,
-    env: DistEnv,
+    resolved: Resolved,
     files: RunDir,
     *,
     resume: bool,
-    autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> tuple[PruneConfig, tuple[Scores, dict[str, Any]] | None]:
-    """`cfg` with `pruning.target` an exact shape, and the run's own scores when the search made them.
+) -> tuple[TargetShape, tuple[Scores, dict[str, Any]] | None]:
+    """The exact shape of a budget target, and the run's own scores when the search made them.
 
-    An exact target is returned as it is. A budget is searched (`measured_search`), the ranked
-    candidates and the chosen shape are written to `target_search.json`, and the chosen shape
-    replaces the budget, so that everything after (masks, L0 module, the saved config that export
-    reads) sees a concrete shape. A resumed run takes the shape its first attempt chose.
+    The budget is searched (`measured_search`), the ranked candidates and the chosen shape are
+    written to `target_search.json`, and the chosen shape becomes `Resolved.target`, so that
+    everything after (masks, L0 module, the saved config that export reads) sees a concrete shape.
+    A resumed run takes the shape its first attempt chose.
     """
-    budget = cfg.pruning.budget
-    if budget is None:
-        return cfg, None
+    env = resolved.env
     recorded = _recorded_shape(files, cfg) if resume else None
     scored = None
     if recorded is not None:
         shape = recorded
     else:
-        search, scored = measured_search(
-            cfg, source.model, source.args, data, env, autocast_dtype=autocast_dtype, progress=progress
-        )
+        search, scored = measured_search(cfg, source.model, source.args, data, resolved, progress=progress)
         shape = search.chosen.shape
         if env.is_main:
             atomic_write_json(files.target_search, search.to_json())
             print(_chosen_line(search, files), flush=True)
             if progress:
                 print("\n".join(table(search)), flush=True)
-    resolved = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, target=shape))
     # the search's scores are the run's own when the run scores the same way on the full model
     own = cfg.pruning.scoring is not None and (
         cfg.pruning.width_scores == "full" or cfg.pruning.scores is not None
     )
-    return resolved, scored if own else None
+    return shape, scored if own else None
 
 
 def _chosen_line(search: TargetSearch, files: RunDir) -> str:

@@ -15,6 +15,7 @@ from torch import nn
 from sheared.data.tokens import tokenizer_fingerprint
 from sheared.errors import UserError
 from sheared.model import CausalLM, load_source
+from sheared.precision import Precision
 from sheared.train import run_files as rf
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import DistEnv, load_sharded
@@ -37,15 +38,14 @@ def teacher_spec(cfg: PruneConfig | TrainConfig, model_path: Path) -> str:
 
 
 def load_teacher(
-    cfg: PruneConfig | TrainConfig, student_tokenizer, model_path: Path, env: DistEnv, bf16: bool
+    cfg: PruneConfig | TrainConfig, student_tokenizer, model_path: Path, env: DistEnv, precision: Precision
 ) -> CausalLM:
     """The frozen teacher model on this rank (sharded under FSDP2)."""
     spec = teacher_spec(cfg, model_path)
-    dtype = torch.bfloat16 if bf16 and env.device.type == "cuda" else torch.float32
     if env.strategy == "fsdp":  # each rank reads only its shard of the teacher
-        source = load_sharded(spec, env, activation_checkpointing=False, bf16=bf16, frozen=True)
+        source = load_sharded(spec, env, activation_checkpointing=False, precision=precision, frozen=True)
     else:
-        source = load_source(spec, dtype=dtype, device=env.device)
+        source = load_source(spec, dtype=precision.teacher_dtype, device=env.device)
     if (
         source.tokenizer is None
         or tokenizer_fingerprint(source.tokenizer)["sha256"]
