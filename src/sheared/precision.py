@@ -26,6 +26,15 @@ from sheared.hardware import cpu_bf16_support
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
+# Storage dtypes a user names (`--dtype` of export, `--tp-dtype` of eval) and what they are.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a user-given name (`float32`, `bfloat16`, `float16`)."""
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {name!r}")
+    return TORCH_DTYPES[name]
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:

@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sheared.errors import UserError
 from sheared.eval.domain_loss import domain_losses
 from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
 from sheared.model import load_source
+from sheared.precision import torch_dtype
 
 
 def model_names(specs: Sequence[str]) -> dict[str, str]:
@@ -95,8 +94,7 @@ def evaluate(
                 for n, s in names.items()
             }
     if throughput is not None:
-        dtype = torch.bfloat16 if throughput.dtype == "bfloat16" else torch.float32
-        models = {n: load_hf_model(s, dtype) for n, s in names.items()}
+        models = {n: load_hf_model(s, torch_dtype(throughput.dtype)) for n, s in names.items()}
         vocab = min(m.config.vocab_size for m in models.values())
         results["throughput"] = {
             "settings": vars(throughput),
