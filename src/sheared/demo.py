@@ -36,7 +36,7 @@ from sheared.eval.lm import greedy_generate
 from sheared.files import atomic_write_json
 from sheared.model import DEFAULT_SOURCE, load_source, parameter_counts
 from sheared.model.args import describe
-from sheared.train.run_files import CONFIG_FILE, read_metrics
+from sheared.run_dir import CONFIG_FILE, read_metrics
 
 
 @dataclass
@@ -114,9 +114,9 @@ def prepare_demo_data(cfg: DemoConfig, tokenizer) -> None:
 
 def _run_stage(cfg, run_dir: Path) -> None:
     """Run (or finish) a prune/train run; a finished one (final checkpoint or one-shot state) is kept."""
+    from sheared.run_dir import read_final_state
     from sheared.train.checkpoint import checkpoint_name, list_checkpoints
     from sheared.train.loop import run
-    from sheared.train.run_files import read_final_state
 
     checkpoints = list_checkpoints(run_dir)
     finished = checkpoints and checkpoints[-1].name == checkpoint_name(cfg.train.steps)

@@ -261,7 +261,7 @@ def _seq_len(cfg: StudyConfig) -> int:
 
 def _curve(out: Path, arm: Arm) -> list[dict[str, Any]]:
     """Held-out loss along the way: (tokens so far in the arm, mean and per-domain eval loss)."""
-    from sheared.train.run_files import EVAL_LOSS, read_metrics
+    from sheared.run_dir import EVAL_LOSS, read_metrics
 
     points = []
     offset = arm.calibration_tokens
@@ -407,7 +407,7 @@ def _figures(summary: dict[str, Any], out: Path) -> None:
 
     dbl = next((n for n in ("best+distill", "activation", *arms) if n in arms), None)
     if dbl is not None:
-        from sheared.train.run_files import DOMAIN_WEIGHT, read_metrics
+        from sheared.run_dir import DOMAIN_WEIGHT, read_metrics
 
         records = read_metrics(out / dbl / "train")
         fig = Figure(figsize=(8, 4), layout="constrained")

@@ -29,9 +29,9 @@ from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.pruning.params import expected_num_params
+from sheared.run_dir import CONFIG_FILE, RUN_STATE_FILE, RunDir, load_masks, read_final_state
 from sheared.train.checkpoint import TRAINER_STATE, Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir, load_masks, read_final_state
 
 REPORT_FILE = "export_report.json"
 # max |logit difference| allowed between the float32 reload of the export and the masked model's

@@ -1,7 +1,7 @@
 """What a report reads from a run directory (nothing is recomputed, nothing needs the model).
 
 - `config.yaml`: a prune config has `pruning:` (target shape) and `source:`; a train config `model:`;
-- `metrics.jsonl`: one JSON object per step (keys in `sheared.train.run_files`);
+- `metrics.jsonl`: one JSON object per step (keys in `sheared.run_dir`);
 - `masks/masks.pt` (finished pruning runs): the exact-target binary masks and both shapes.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from sheared.errors import UserError
 from sheared.pruning.target import MASK_TYPES
-from sheared.train.run_files import (
+from sheared.run_dir import (
     CONFIG_FILE,
     DOMAIN_WEIGHT,
     EVAL_LOSS,

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from sheared.errors import UserError
 from sheared.files import TMP_SUFFIX, disk_problem, fsync_tree
-from sheared.train.run_files import RunDir
+from sheared.run_dir import RunDir
 
 if TYPE_CHECKING:
     from sheared.pruning import L0Module, LagrangianConstraint

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sheared import run_dir as rf
 from sheared.config import save_config
 from sheared.data.dbl import read_reference_losses
 from sheared.data.tokens import PreparedData
@@ -22,7 +23,6 @@ from sheared.pruning.compaction import kept_structure
 from sheared.pruning.importance import select_masks
 from sheared.pruning.params import expected_num_params
 from sheared.pruning.target import mask_specs
-from sheared.train import run_files as rf
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.config import PruneConfig
 from sheared.train.distributed import DistEnv, barrier

@@ -25,8 +25,7 @@ from sheared.pruning.search import (
     table,
 )
 from sheared.pruning.target import TargetBudget, mask_specs
-from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import (
+from sheared.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     MASKS_DIR,
@@ -34,6 +33,7 @@ from sheared.train.run_files import (
     SCORES_FILE,
     TARGET_SEARCH_FILE,
 )
+from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.setup import search_on_data, search_scoring, search_shapes
 
 

@@ -26,10 +26,10 @@ from sheared.model.random_source import ensure_source
 from sheared.pruning.importance import Scores, select_masks
 from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE, TargetSearch, search_target, table
 from sheared.pruning.target import SHAPE_KEYS, TargetBudget, TargetShape, mask_specs
+from sheared.run_dir import RunDir
 from sheared.train.calibration import calibration_items, compute_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
-from sheared.train.run_files import RunDir
 
 
 @dataclass
