@@ -34,8 +34,8 @@ def run_oneshot(
     cfg: PruneConfig, files: rf.RunDir, env: DistEnv, resume: bool, progress: bool, bf16: bool = False
 ) -> RunResult:
     """Score, select the exact target, evaluate and write the run directory."""
-    done = rf.read_final_state(files.path) if resume else None
-    if done is not None and files.masks.is_file():
+    done = files.read_final_state() if resume and files.finished() else None
+    if done is not None:
         print(f"one-shot run {files.path} is complete; nothing to resume")
         return _result(files.path, done, done.get("eval_losses", {}))
     if not resume:
