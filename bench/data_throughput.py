@@ -48,9 +48,9 @@ def consumed_tokens_per_s(steps: int = 3) -> float:
     import tempfile
 
     from sheared.config import load_config
+    from sheared.run_dir import read_metrics
     from sheared.train.config import PruneConfig
     from sheared.train.loop import run
-    from sheared.train.run_files import read_metrics
 
     tmp = tempfile.mkdtemp()
     try:

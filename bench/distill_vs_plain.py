@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from sheared.config import load_config
+from sheared.run_dir import EVAL_LOSS, read_metrics
 from sheared.train.config import TrainConfig
 from sheared.train.loop import run
-from sheared.train.run_files import EVAL_LOSS, read_metrics
 
 TRAIN_CONFIG = "configs/smollm2-135m/train.yaml"
 

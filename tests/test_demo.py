@@ -55,3 +55,26 @@ def test_summary_table_compares_every_model_with_the_source():
     table = demo.summary_table(results)
     assert "source" in table.splitlines()[0] and "continued" in table.splitlines()[0]
     assert table.splitlines()[-1].split() == ["vs", "source", "1.00x", "10.00x", "2.00x"]
+
+
+def test_run_stage_keeps_a_finished_run_and_runs_an_unfinished_one(tmp_path, monkeypatch, capsys):
+    from sheared.config import save_config
+    from sheared.run_dir import RunDir, checkpoint_name, write_manifest
+    from sheared.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, resume: calls.append((run_dir.name, resume)))
+    cfg = _train_cfg()
+    cfg.train.steps = 3
+    run = RunDir(tmp_path / "continued")
+    demo._run_stage(cfg, run.path)  # nothing there yet
+    assert calls == [("continued", False)]
+    save_config(cfg, run.config)
+    final = run.checkpoints / checkpoint_name(3)
+    final.mkdir(parents=True)
+    write_manifest(final)
+    demo._run_stage(cfg, run.path)
+    assert calls == [("continued", False)] and "done before" in capsys.readouterr().out
+    cfg.train.steps = 5  # a longer plan: the run is continued
+    demo._run_stage(cfg, run.path)
+    assert calls == [("continued", False), ("continued", True)]

@@ -36,7 +36,7 @@ from sheared.eval.lm import greedy_generate
 from sheared.files import atomic_write_json
 from sheared.model import DEFAULT_SOURCE, load_source, parameter_counts
 from sheared.model.args import describe
-from sheared.train.run_files import CONFIG_FILE, read_metrics
+from sheared.run_dir import CONFIG_FILE, RunDir
 
 
 @dataclass
@@ -113,14 +113,10 @@ def prepare_demo_data(cfg: DemoConfig, tokenizer) -> None:
 
 
 def _run_stage(cfg, run_dir: Path) -> None:
-    """Run (or finish) a prune/train run; a finished one (final checkpoint or one-shot state) is kept."""
-    from sheared.train.checkpoint import checkpoint_name, list_checkpoints
+    """Run (or finish) a prune/train run; a finished one (`RunDir.finished`) is kept."""
     from sheared.train.loop import run
-    from sheared.train.run_files import read_final_state
 
-    checkpoints = list_checkpoints(run_dir)
-    finished = checkpoints and checkpoints[-1].name == checkpoint_name(cfg.train.steps)
-    if finished or read_final_state(run_dir) is not None:
+    if RunDir(run_dir).finished(steps=cfg.train.steps):
         print(f"  done before: {run_dir}")
         return
     run(cfg, run_dir, resume=run_dir.exists())  # a run without a checkpoint starts again from step 0
@@ -149,7 +145,7 @@ def _probe_seconds_per_step(cfg, run_dir: Path, probe_steps: int) -> float:
     probe = _with(cfg, steps=probe_steps, eval_interval=probe_steps + 1, save_interval=10**9)
     probe.data.max_eval_sequences = 1
     run(probe, run_dir, progress=False)
-    records = read_metrics(run_dir)
+    records = RunDir(run_dir).read_metrics()
     shutil.rmtree(run_dir, ignore_errors=True)
     tokens = probe.train.global_batch_size * (probe.data.seq_len or 256)
     return statistics.median(tokens / r["tokens_per_s"] for r in records[1:])

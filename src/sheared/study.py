@@ -261,12 +261,12 @@ def _seq_len(cfg: StudyConfig) -> int:
 
 def _curve(out: Path, arm: Arm) -> list[dict[str, Any]]:
     """Held-out loss along the way: (tokens so far in the arm, mean and per-domain eval loss)."""
-    from sheared.train.run_files import EVAL_LOSS, read_metrics
+    from sheared.run_dir import EVAL_LOSS, RunDir
 
     points = []
     offset = arm.calibration_tokens
     for run_name in ("prune", "train"):
-        records = read_metrics(out / run_name)
+        records = RunDir(out / run_name).read_metrics()
         for r in records:
             losses = {k[len(EVAL_LOSS) :]: v for k, v in r.items() if k.startswith(EVAL_LOSS)}
             if losses and r["step"] > 0:
@@ -407,9 +407,9 @@ def _figures(summary: dict[str, Any], out: Path) -> None:
 
     dbl = next((n for n in ("best+distill", "activation", *arms) if n in arms), None)
     if dbl is not None:
-        from sheared.train.run_files import DOMAIN_WEIGHT, read_metrics
+        from sheared.run_dir import DOMAIN_WEIGHT, RunDir
 
-        records = read_metrics(out / dbl / "train")
+        records = RunDir(out / dbl / "train").read_metrics()
         fig = Figure(figsize=(8, 4), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()

@@ -17,9 +17,9 @@ from helpers import free_port, subprocess_env
 from sheared.config import load_config
 from sheared.model import load_source
 from sheared.pruning import L0Module, LagrangianConstraint
+from sheared.run_dir import read_metrics
 from sheared.train.checkpoint import Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig
-from sheared.train.run_files import read_metrics
 
 pytestmark = pytest.mark.distributed
 

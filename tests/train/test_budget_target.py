@@ -21,9 +21,9 @@ from sheared.export import export_run
 from sheared.model import load_source, parameter_counts, read_source_config
 from sheared.pruning.importance import select_masks
 from sheared.pruning.target import SHAPE_KEYS, TargetBudget, TargetShape, mask_specs
+from sheared.run_dir import RunDir, load_masks
 from sheared.train.config import PruneConfig
 from sheared.train.loop import run
-from sheared.train.run_files import RunDir, load_masks
 
 TINY = "configs/tiny/prune.yaml"
 # The tiny source: 4 layers, hidden 64, 4 query heads in 2 KV groups, intermediate 128, vocab 49152;

@@ -10,9 +10,9 @@ import pytest
 from sheared.cli import main
 from sheared.config import load_config
 from sheared.data.sampler import DomainMixtureSampler
+from sheared.run_dir import read_metrics
 from sheared.train.config import TrainConfig
 from sheared.train.loop import run
-from sheared.train.run_files import read_metrics
 
 STEPS = ["train.steps=4", "train.save_interval=2", "train.eval_interval=2", "data.max_eval_sequences=2"]
 TIMING = "tokens_per_s"

@@ -13,8 +13,8 @@ from sheared.export import export_run
 from sheared.pruning.importance import select_masks
 from sheared.pruning.target import mask_specs
 from sheared.report import write_report
+from sheared.run_dir import RunDir, load_masks, read_final_state, read_metrics
 from sheared.train.loop import run
-from sheared.train.run_files import RunDir, load_masks, read_final_state, read_metrics
 
 SMALL = ["data.max_eval_sequences=2", "pruning.calibration=4"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sheared.run_dir import read_metrics
 from sheared.train.loop import run
-from sheared.train.run_files import read_metrics
 
 STEPS = ["train.steps=3", "train.eval_interval=3", "data.max_eval_sequences=1"]
 

@@ -7,8 +7,8 @@ import torch
 
 from sheared import hardware
 from sheared.precision import resolve_precision
+from sheared.run_dir import read_metrics
 from sheared.train.loop import run
-from sheared.train.run_files import read_metrics
 
 CPU = torch.device("cpu")
 AVX2_ONLY = ["fpu", "sse", "sse2", "avx", "avx2", "fma", "f16c"]

@@ -10,9 +10,9 @@ import torch
 
 from sheared.data.sampler import DomainMixtureSampler
 from sheared.errors import UserError
+from sheared.run_dir import read_metrics
 from sheared.train.checkpoint import list_checkpoints
 from sheared.train.loop import run
-from sheared.train.run_files import read_metrics
 
 STEP_KEYS = {
     "step",

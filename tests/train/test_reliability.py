@@ -15,9 +15,9 @@ import torch
 from sheared.cli import main
 from sheared.data.sampler import DomainMixtureSampler
 from sheared.errors import UserError
+from sheared.run_dir import RunDir, read_metrics
 from sheared.train import checkpoint as ckpt
 from sheared.train.loop import DivergenceError, run
-from sheared.train.run_files import RunDir, read_metrics
 
 TIMING = "tokens_per_s"
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sheared.config import load_config
+from sheared.run_dir import RunDir, read_metrics
 from sheared.train.config import PruneConfig
 from sheared.train.loop import run
-from sheared.train.run_files import RunDir, read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 8

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from sheared.config import load_config
 from sheared.data.sampler import DomainMixtureSampler
+from sheared.run_dir import read_metrics
 from sheared.train.config import TrainConfig
 from sheared.train.loop import run
-from sheared.train.run_files import read_metrics
 
 
 def _config(tiny_export, data, *overrides):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sheared.config import config_from_dict, read_yaml
+from sheared.config import config_from_dict
 from sheared.errors import UserError
 from sheared.files import atomic_write_json, atomic_write_text, disk_problem, fsync_dir
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
@@ -29,9 +29,18 @@ from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.pruning.params import expected_num_params
-from sheared.train.checkpoint import TRAINER_STATE, Trainable, list_checkpoints, load_module_weights
+from sheared.run_dir import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    RunDir,
+    Trainable,
+    checkpoint_run,
+    load_masks,
+    load_module_weights,
+    read_final_state,
+    write_run_state,
+)
 from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.run_files import CONFIG_FILE, RUN_STATE_FILE, RunDir, load_masks, read_final_state
 
 REPORT_FILE = "export_report.json"
 # max |logit difference| allowed between the float32 reload of the export and the masked model's
@@ -61,19 +70,20 @@ class RunCheckpoint:
 def resolve_run(path: str | Path) -> RunCheckpoint:
     """A run directory (its newest checkpoint) or one checkpoint folder of a run."""
     p = Path(path)
-    if (p / TRAINER_STATE).is_file():
-        checkpoint, run_dir = p, p.parent.parent
-    elif RunDir(p).is_run():
-        found = list_checkpoints(p)
-        one_shot = read_final_state(p) is not None and RunDir(p).masks.is_file()
-        if not found and not one_shot:
+    files = checkpoint_run(p)
+    if files is not None:
+        checkpoint = p
+    elif (files := RunDir(p)).is_run():
+        checkpoint = files.newest_checkpoint()
+        if checkpoint is None and not (files.kind() == "oneshot" and files.finished()):
             raise UserError(f"run {p} has no complete checkpoint yet; nothing to export")
-        checkpoint, run_dir = (found[-1] if found else None), p
     else:
         raise UserError(f"{p} is neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE})")
-    data = read_yaml(RunDir(run_dir).config)
-    cls = PruneConfig if "pruning" in data else TrainConfig
-    return RunCheckpoint(run_dir, config_from_dict(cls, data), checkpoint)
+    data = files.read_config()
+    if data is None:
+        raise UserError(f"checkpoint {p} lies in no run directory ({files.config} does not exist)")
+    cls = TrainConfig if files.kind() == "train" else PruneConfig
+    return RunCheckpoint(files.path, config_from_dict(cls, data), checkpoint)
 
 
 def check_output_dir(out: Path, force: bool, source: Path, run_dir: Path) -> None:
@@ -297,6 +307,7 @@ def export_run(
     staging = _staging_dir(out)
     needed = sum(p.numel() for p in model.parameters()) * DTYPES[dtype].itemsize
     try:
+        write_run_state(staging, run_state)  # `sheared train` of the export starts from it
         report = export_model(
             model,
             masks,
@@ -304,7 +315,6 @@ def export_run(
             source=source,
             ids=ids,
             dtype=DTYPES[dtype],
-            extra_files={RUN_STATE_FILE: run_state},
             release_weights=True,
         )
         report.update(

@@ -1,6 +1,6 @@
 """Reports of run directories: what a run logged, as figures and a markdown summary.
 
-Above `train/` (it reads the run-directory layout from `sheared.train.run_files`); nothing below
+Above `train/` (it reads run directories through `sheared.run_dir`); nothing below
 imports it.
 """
 

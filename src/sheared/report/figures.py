@@ -21,7 +21,7 @@ import numpy as np
 
 from sheared.errors import UserError
 from sheared.report.run import RunData, count, series, smooth, smoothing_window, target_num_params, unit
-from sheared.train.run_files import (
+from sheared.run_dir import (
     DOMAIN_WEIGHT,
     EVAL_KL,
     EVAL_LOSS,

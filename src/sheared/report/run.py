@@ -1,24 +1,22 @@
 """What a report reads from a run directory (nothing is recomputed, nothing needs the model).
 
 - `config.yaml`: a prune config has `pruning:` (target shape) and `source:`; a train config `model:`;
-- `metrics.jsonl`: one JSON object per step (keys in `sheared.train.run_files`);
+- `metrics.jsonl`: one JSON object per step (keys in `sheared.run_dir`);
 - `masks/masks.pt` (finished pruning runs): the exact-target binary masks and both shapes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from sheared.errors import UserError
 from sheared.pruning.target import MASK_TYPES
-from sheared.train.run_files import (
+from sheared.run_dir import (
     CONFIG_FILE,
     DOMAIN_WEIGHT,
     EVAL_LOSS,
@@ -27,7 +25,6 @@ from sheared.train.run_files import (
     MASKS_FILE,
     METRICS_FILE,
     RunDir,
-    load_masks,
 )
 
 # The smoothed training-loss line is an exponential moving average over about this fraction of
@@ -87,54 +84,22 @@ def _suffixes(records: list[dict[str, Any]], *prefixes: str) -> list[str]:
     return list(seen)
 
 
-def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records of a metrics.jsonl, and notes.
-
-    A half-written last line (a run writing while we read) is skipped with a note; any other line
-    that is not a JSON object is a UserError naming it.
-    """
-    lines = path.read_text().splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, notes = [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError
-        except ValueError:
-            if i == last:
-                notes.append(
-                    f"the last line of {METRICS_FILE} is incomplete (the run is writing it); skipped"
-                )
-                continue
-            raise UserError(
-                f"{path} line {i + 1} is not a metrics record (a JSON object with 'step')"
-            ) from None
-        records.append(record)
-    if not records:
-        raise UserError(f"{path} has no records yet; run the report after the first step")
-    return records, notes
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory (config, metrics, final masks) into a RunData."""
     files = RunDir(run_dir)
     if not files.metrics.is_file():
         raise UserError(f"{files.path} has no {METRICS_FILE}; is it a run directory?")
-    records, notes = read_records(files.metrics)
-    config: dict[str, Any] = {}
-    if files.config.is_file():
-        try:
-            config = yaml.safe_load(files.config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{files.config} is not valid YAML: {str(e).splitlines()[0]}") from None
-    else:
+    notes: list[str] = []
+    records = files.read_metrics(notes)
+    if not records:
+        raise UserError(f"{files.metrics} has no records yet; run the report after the first step")
+    config = files.read_config()
+    if config is None:
+        config = {}
         notes.append(f"{CONFIG_FILE} not found; the run type is inferred from the metrics")
     masks = None
     try:
-        masks = load_masks(files.path)
+        masks = files.load_masks()
     except (RuntimeError, EOFError, OSError) as e:  # e.g. caught while the run writes it
         notes.append(f"{MASKS_DIR}/{MASKS_FILE} cannot be read ({type(e).__name__}); read as missing")
     return RunData(run_dir=files.path, records=records, config=config, masks=masks, notes=notes)

@@ -22,7 +22,7 @@ from sheared.report.figures import (
     plot_sparsity,
 )
 from sheared.report.run import RunData, count, fmt, last_value, load_run, target_num_params
-from sheared.train.run_files import (
+from sheared.run_dir import (
     DOMAIN_WEIGHT,
     EVAL_LOSS,
     EXPECTED_SPARSITY,

@@ -13,19 +13,20 @@ last, and the folder is renamed when complete. A checkpoint counts as complete w
 manifest; `--resume` verifies the newest against it and, when that one is damaged (a file
 truncated, missing or changed), says so, moves it aside as `step_N.damaged` and falls back to the
 newest intact one. The newest `keep` checkpoints stay.
+
+The names, the listing, the manifest and the read-only loading for export live with the run
+directory (`sheared.run_dir`); this module writes checkpoints and resumes from them, across ranks.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import warnings
-import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,33 +36,36 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from sheared.errors import UserError
 from sheared.files import TMP_SUFFIX, disk_problem, fsync_tree
-from sheared.train.run_files import RunDir
+from sheared.run_dir import (  # names, listing and the manifest live with the run directory
+    DAMAGED_SUFFIX,
+    MANIFEST,
+    STEP_PATTERN,
+    TRAINER_STATE,
+    RunDir,
+    Trainable,
+    checkpoint_name,
+    checkpoint_problem,
+    list_checkpoints,
+    load_module_weights,
+    write_manifest,
+)
 
-if TYPE_CHECKING:
-    from sheared.pruning import L0Module, LagrangianConstraint
-
-STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
-TRAINER_STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
-DAMAGED_SUFFIX = ".damaged"
-HASH_BLOCK_BYTES = 1 << 24
-
-
-class Trainable(nn.Module):
-    """Everything the optimizer updates, under one module so checkpoints name it consistently:
-    `model.*` (the decoder), `l0.log_alpha.*` and `lagrangian.lambda1/2.*` (pruning runs only)."""
-
-    def __init__(
-        self, model: nn.Module, l0: L0Module | None = None, lagrangian: LagrangianConstraint | None = None
-    ):
-        super().__init__()
-        self.model = model
-        self.l0 = l0
-        self.lagrangian = lagrangian
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
+__all__ = [
+    "DAMAGED_SUFFIX",
+    "MANIFEST",
+    "STEP_PATTERN",
+    "TRAINER_STATE",
+    "Trainable",
+    "checkpoint_name",
+    "checkpoint_problem",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_module_weights",
+    "newest_intact_checkpoint",
+    "remove_leftovers",
+    "save_checkpoint",
+    "write_manifest",
+]
 
 
 def _is_main() -> bool:
@@ -71,51 +75,6 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run (those with a manifest), oldest first; not yet verified."""
-    root = RunDir(run_dir).checkpoints
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / MANIFEST).is_file()
-    ]
-    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
-
-
-def _crc32(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK_BYTES):
-            value = zlib.crc32(block, value)
-    return value
-
-
-def write_manifest(folder: Path) -> None:
-    """`manifest.json`: the size and CRC-32 of every other file of a checkpoint folder."""
-    from sheared.files import atomic_write_json
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
-    atomic_write_json(folder / MANIFEST, {"files": entries})
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
-    try:
-        entries = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is missing or unreadable"
-    for name, entry in entries.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != entry["bytes"]:
-            return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
-        if _crc32(file) != entry["crc32"]:
-            return f"{name} does not match its checksum"
-    return None
 
 
 def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
@@ -216,23 +175,4 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return json.loads((path / TRAINER_STATE).read_text())
-
-
-def load_module_weights(path: str | Path, module: nn.Module) -> dict[str, Any]:
-    """Load only the module part of a checkpoint (for export); returns its trainer state.
-
-    The checkpoint is verified against its manifest first (a damaged one is a UserError).
-    """
-    path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise UserError(
-            f"checkpoint {path} is damaged or incomplete: {problem}; export an earlier checkpoint"
-        )
-    state = {"model": module.state_dict()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
-    module.load_state_dict(state["model"])
     return json.loads((path / TRAINER_STATE).read_text())

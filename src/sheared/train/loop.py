@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sheared import run_dir as rf
 from sheared.config import save_config
 from sheared.data.dbl import (
     read_reference_losses,
@@ -42,7 +43,6 @@ from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
 from sheared.pruning.constraint import warmed_up_target
 from sheared.train import checkpoint as ckpt
-from sheared.train import run_files as rf
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.checkpoint import Trainable
 from sheared.train.config import PruneConfig, TrainConfig

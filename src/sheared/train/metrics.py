@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sheared.files import atomic_write_lines
-from sheared.train.run_files import RunDir, read_metrics
+from sheared.run_dir import RunDir, read_metrics
 
 
 def _clean(value: Any) -> Any:

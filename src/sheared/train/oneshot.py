@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sheared import run_dir as rf
 from sheared.config import save_config
 from sheared.data.dbl import read_reference_losses
 from sheared.data.tokens import PreparedData
@@ -18,7 +19,6 @@ from sheared.pruning.compaction import kept_structure
 from sheared.pruning.importance import select_masks
 from sheared.pruning.params import expected_num_params
 from sheared.pruning.target import mask_specs
-from sheared.train import run_files as rf
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.config import PruneConfig
 from sheared.train.distributed import barrier
@@ -31,8 +31,8 @@ def run_oneshot(
 ) -> RunResult:
     """Score, select the exact target, evaluate and write the run directory."""
     env = resolved.env
-    done = rf.read_final_state(files.path) if resume else None
-    if done is not None and files.masks.is_file():
+    done = files.read_final_state() if resume and files.finished() else None
+    if done is not None:
         print(f"one-shot run {files.path} is complete; nothing to resume")
         return _result(files.path, done, done.get("eval_losses", {}))
     if not resume:

@@ -24,9 +24,7 @@ from sheared.pruning.search import (
     table,
 )
 from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
-from sheared.train.config import PruneConfig, TrainConfig
-from sheared.train.distributed import pick_device
-from sheared.train.run_files import (
+from sheared.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     MASKS_DIR,
@@ -34,6 +32,8 @@ from sheared.train.run_files import (
     SCORES_FILE,
     TARGET_SEARCH_FILE,
 )
+from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.distributed import pick_device
 from sheared.train.setup import search_on_data, search_scoring, search_shapes
 
 

@@ -28,10 +28,10 @@ from sheared.precision import Precision
 from sheared.pruning.importance import Scores, select_masks
 from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE, TargetSearch, search_target, table
 from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
+from sheared.run_dir import RunDir
 from sheared.train.calibration import calibration_items, compute_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
-from sheared.train.run_files import RunDir
 from sheared.train.teacher import output_weight as teacher_output_weight
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sheared import run_dir as rf
 from sheared.data.tokens import tokenizer_fingerprint
 from sheared.errors import UserError
 from sheared.model import CausalLM, load_source
 from sheared.precision import Precision
-from sheared.train import run_files as rf
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import DistEnv, load_sharded
 

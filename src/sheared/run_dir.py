@@ -1,0 +1,463 @@
+"""The run directory: the one place that knows its files and what they mean.
+
+A run of `sheared prune` or `sheared train` writes (docs/formats.md has the details):
+
+    RUN_DIR/
+      config.yaml           the resolved config (written once, when the run starts; never rewritten)
+      config.resume-N.yaml  the resolved config of the N-th resumed attempt
+      metrics.jsonl         one JSON object per step (keys below)
+      tensorboard/          the same scalars for TensorBoard (when installed)
+      checkpoints/step_N/   resumable checkpoints: trainer_state.json, manifest.json and the
+                            torch.distributed.checkpoint shards (`sheared.train.checkpoint` writes them)
+      masks/masks.pt        pruning runs, at the end: exact-target binary masks, log_alpha, shapes
+      masks/masks.json      ... and a readable summary of the kept structures
+      scores.pt             one-shot scores of every structure (one-shot runs and scored l0 inits)
+      target_search.json    budget targets: the ranked candidates and the chosen shape
+      final_state.json      one-shot runs: domains, weights, reference losses, tokens (no checkpoint)
+      report/               `sheared report` output
+
+What a folder means is answered here too: `RunDir.kind()` (a learned pruning run, a one-shot one,
+a continued-pretraining one, or no run), `RunDir.finished()`, `RunDir.newest_checkpoint()`, and
+the readers of its config, metrics, final masks and final state.
+
+Every other room (the loop, export, report, demo, study) asks this module for names and meanings
+and never spells a file name of a run directory itself. It sits on the ground floor: it imports
+nothing of the model, the pruning, the data or the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sheared.config import read_yaml
+from sheared.errors import UserError
+from sheared.files import atomic_write, atomic_write_json
+
+CONFIG_FILE = "config.yaml"
+RESUME_CONFIG = "config.resume-{}.yaml"  # the resolved config of each resumed attempt
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+MASKS_DIR = "masks"
+MASKS_FILE = "masks.pt"
+MASKS_SUMMARY = "masks.json"
+SCORES_FILE = "scores.pt"
+TARGET_SEARCH_FILE = "target_search.json"  # budget targets: the ranked candidates and the chosen shape
+# One-shot runs have no checkpoint: what export and continued pretraining need from the run
+# (domains, weights, reference losses, tokens) is kept here instead.
+FINAL_STATE_FILE = "final_state.json"
+REPORT_DIR = "report"
+# Written by `sheared export` next to a model: the run's domain weights and reference losses, so
+# that continued pretraining of that model starts from them.
+RUN_STATE_FILE = "sheared_run_state.json"
+
+# Inside a checkpoint folder `checkpoints/step_000100/` (the rest: torch.distributed.checkpoint's
+# `*.distcp` and `.metadata`).
+STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
+TRAINER_STATE = "trainer_state.json"  # step, tokens, sampler state, DBL history, reference losses
+MANIFEST = "manifest.json"  # every other file's size and CRC-32, written last
+DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed its manifest, set aside by `--resume`
+HASH_BLOCK_BYTES = 1 << 24
+
+# Metric keys of metrics.jsonl. Scalars: step, tokens, loss (LM + Lagrangian), lm_loss (the data
+# loss: CE, or (1 - α)·CE + α·τ²·KD when distilling), ce_loss and kd_loss (distilling), lag_loss, lr,
+# grad_norm, tokens_per_s, expected_params. Per domain or per mask type, `PREFIX + name`:
+EVAL_LOSS = "eval_loss/"
+REFERENCE_LOSS = "reference_loss/"
+EVAL_KL = "eval_kl/"  # KL(teacher ‖ model) per domain, at temperature 1, when distilling
+DOMAIN_WEIGHT = "domain_weight/"
+EXPECTED_SPARSITY = "expected_sparsity/"
+TARGET_SPARSITY = "target_sparsity/"
+LAMBDA1 = "lambda1/"
+LAMBDA2 = "lambda2/"
+LAG_LOSS = "lag_loss/"
+TIMING_KEYS = ("tokens_per_s",)  # the only keys that differ between two runs of the same config
+
+RunKind = Literal["prune", "oneshot", "train"]
+LEARNED_METHOD = "l0"  # `pruning.method` of learned-mask runs; every other method is one-shot
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory: the paths inside it (properties) and what they mean (methods)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def masks(self) -> Path:
+        return self.path / MASKS_DIR / MASKS_FILE
+
+    @property
+    def masks_summary(self) -> Path:
+        return self.path / MASKS_DIR / MASKS_SUMMARY
+
+    @property
+    def scores(self) -> Path:
+        return self.path / SCORES_FILE
+
+    @property
+    def target_search(self) -> Path:
+        return self.path / TARGET_SEARCH_FILE
+
+    @property
+    def final_state(self) -> Path:
+        return self.path / FINAL_STATE_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT_DIR
+
+    def is_run(self) -> bool:
+        """Whether this folder was written by `sheared prune` or `sheared train` (has its config)."""
+        return self.config.is_file()
+
+    def holds_run(self) -> bool:
+        """Whether a run already started here (a checkpoint, masks or a metrics line exists)."""
+        has_checkpoint = self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+        return self.metrics.exists() or has_checkpoint or self.masks.exists()
+
+    def check_fresh(self, resume: bool) -> None:
+        """Refuse to start a new run over an existing one (unless resuming it)."""
+        if resume or not self.holds_run():
+            return
+        has_checkpoint = self.checkpoints.is_dir() and any(
+            p.is_dir() and not p.name.endswith(".tmp") for p in self.checkpoints.iterdir()
+        )
+        if has_checkpoint or self.masks.exists():
+            raise UserError(
+                f"run directory {self.path} already holds a run; pass --resume to continue it, "
+                "or choose another --run-dir"
+            )
+        raise UserError(
+            f"run directory {self.path} holds a run that stopped before its first checkpoint; pass --resume "
+            "to start it again from step 0, or choose another --run-dir"
+        )
+
+    def _resumes(self) -> int:
+        """How many resumed attempts wrote their config (config.resume-1.yaml, ...)."""
+        n = 0
+        while (self.path / RESUME_CONFIG.format(n + 1)).exists():
+            n += 1
+        return n
+
+    def next_resume_config(self) -> Path:
+        """Where the resolved config of the next resumed attempt goes (config.yaml is never rewritten)."""
+        return self.path / RESUME_CONFIG.format(self._resumes() + 1)
+
+    # --- what the folder means -------------------------------------------------------------------
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The resolved config.yaml the run started with, as a dict; None when the folder has none.
+
+        Raises:
+            UserError: config.yaml is not valid YAML or holds no mapping.
+        """
+        return read_yaml(self.config) if self.config.is_file() else None
+
+    def latest_config(self) -> dict[str, Any] | None:
+        """The resolved config of the newest attempt (the last config.resume-N.yaml, else config.yaml)."""
+        n = self._resumes()
+        return read_yaml(self.path / RESUME_CONFIG.format(n)) if n else self.read_config()
+
+    def kind(self) -> RunKind | None:
+        """What ran here, from the config the run started with: `prune` (learned masks), `oneshot`
+        (one-shot pruning), `train` (continued pretraining), or None (no config.yaml: not a run)."""
+        config = self.read_config()
+        if config is None:
+            return None
+        if "pruning" not in config:
+            return "train"
+        method = (config["pruning"] or {}).get("method", LEARNED_METHOD)
+        return "prune" if method == LEARNED_METHOD else "oneshot"
+
+    def finished(self, steps: int | None = None) -> bool:
+        """Whether the run is complete, by the rule of its kind:
+
+        - one-shot pruning: `final_state.json` (written last) and `masks/masks.pt` exist;
+        - learned pruning: its newest complete checkpoint is of the final step, and the final
+          masks (written after it) exist;
+        - continued pretraining: its newest complete checkpoint is of the final step.
+
+        A checkpoint is always written after the final step (`train.save_interval` or not).
+
+        Args:
+            steps: the final step to ask about (a caller about to run a config of its own); default
+                the `train.steps` of the run's newest resolved config.
+
+        Returns:
+            False for a folder that is not a run.
+        """
+        kind = self.kind()
+        if kind is None:
+            return False
+        if kind == "oneshot":
+            return self.final_state.is_file() and self.masks.is_file()
+        if steps is None:
+            steps = ((self.latest_config() or {}).get("train") or {}).get("steps")
+            if steps is None:
+                return False
+        newest = self.newest_checkpoint()
+        at_end = newest is not None and newest.name == checkpoint_name(steps)
+        return at_end and (kind == "train" or self.masks.is_file())
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints (those with a manifest), oldest first; not verified."""
+        return list_checkpoints(self.path)
+
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint folder (it has its manifest; not verified against it:
+        `checkpoint_problem` does that), or None."""
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def read_metrics(self, notes: list[str] | None = None) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl (`read_metrics`)."""
+        return read_metrics(self.path, notes)
+
+    def load_masks(self) -> dict[str, Any] | None:
+        """masks.pt of a finished pruning run (`load_masks`), or None."""
+        return load_masks(self.path)
+
+    def read_final_state(self) -> dict[str, Any] | None:
+        """final_state.json of a one-shot run (`read_final_state`), or None."""
+        return read_final_state(self.path)
+
+
+def metric(prefix: str, name: str) -> str:
+    """The metrics.jsonl key of a per-domain or per-mask value, e.g. `eval_loss/code`."""
+    return prefix + name
+
+
+def read_metrics(run_dir: str | Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order; [] when there is none yet.
+
+    Metrics are appended and flushed per step, so only the last line can be half-written (a run
+    writing while we read, or one that was killed): it is skipped, with a note. Blank lines are
+    skipped.
+
+    Args:
+        run_dir: the run directory.
+        notes: when given, what was skipped is appended to it (one line each).
+
+    Raises:
+        UserError: a line before the last is not a metrics record (a JSON object with `step`).
+    """
+    path = RunDir(run_dir).metrics
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError
+        except ValueError:
+            if i == last:
+                if notes is not None:
+                    notes.append(
+                        f"the last line of {METRICS_FILE} is incomplete (the run is writing it); skipped"
+                    )
+                continue
+            raise UserError(
+                f"{path} line {i + 1} is not a metrics record (a JSON object with 'step')"
+            ) from None
+        records.append(record)
+    return records
+
+
+# --- checkpoints: names, listing, manifest -------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint after `step` steps, e.g. `step_000100`."""
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint folder, from its name; None for any other folder."""
+    found = STEP_PATTERN.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def checkpoint_run(path: str | Path) -> RunDir | None:
+    """The run a checkpoint folder (`RUN/checkpoints/step_N`, with its trainer state) belongs to,
+    or None when `path` is not a checkpoint folder."""
+    p = Path(path)
+    return RunDir(p.parent.parent) if (p / TRAINER_STATE).is_file() else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run (those with a manifest), oldest first; not yet verified."""
+    root = RunDir(run_dir).checkpoints
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name) and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def _crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def write_manifest(folder: Path) -> None:
+    """`manifest.json`: the size and CRC-32 of every other file of a checkpoint folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    atomic_write_json(folder / MANIFEST, {"files": entries})
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
+    try:
+        entries = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is missing or unreadable"
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+        if _crc32(file) != entry["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint folder."""
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+class Trainable(nn.Module):
+    """Everything the optimizer updates, under one module so checkpoints name it consistently:
+    `model.*` (the decoder), `l0.log_alpha.*` and `lagrangian.lambda1/2.*` (pruning runs only).
+
+    `l0` is a `sheared.pruning.L0Module` and `lagrangian` a `sheared.pruning.LagrangianConstraint`.
+    """
+
+    def __init__(self, model: nn.Module, l0: nn.Module | None = None, lagrangian: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.l0 = l0
+        self.lagrangian = lagrangian
+
+
+def load_module_weights(path: str | Path, module: nn.Module) -> dict[str, Any]:
+    """Load only the module part of a checkpoint (for export); returns its trainer state.
+
+    The checkpoint is verified against its manifest first (a damaged one is a UserError). Needs
+    no process group.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(
+            f"checkpoint {path} is damaged or incomplete: {problem}; export an earlier checkpoint"
+        )
+    state = {"model": module.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    module.load_state_dict(state["model"])
+    return read_trainer_state(path)
+
+
+# --- final masks ---------------------------------------------------------------------------------
+
+
+def save_final_masks(run_dir: str | Path, masks: dict[str, torch.Tensor], extra: dict[str, Any]) -> Path:
+    """Write the final exact-target masks of a pruning run, atomically.
+
+    Args:
+        run_dir: the run directory.
+        masks: mask name -> binary tensor (exact target counts).
+        extra: what else `masks.pt` holds: `log_alpha` (name -> tensor), `target` and `source`
+            (the shapes as dicts), and `summary` (the readable `masks.json` content).
+
+    Returns:
+        The masks folder.
+    """
+    files = RunDir(run_dir)
+    tensors = {name: t.detach().cpu() for name, t in masks.items()}
+    content = {
+        "masks": tensors,
+        "log_alpha": {k: v.detach().cpu() for k, v in extra.get("log_alpha", {}).items()},
+        "target": extra["target"],
+        "source": extra["source"],
+    }
+    atomic_write(files.masks, lambda f: torch.save(content, f), binary=True)
+    atomic_write_json(files.masks_summary, extra["summary"], indent=1)
+    return files.masks.parent
+
+
+def load_masks(run_dir: str | Path) -> dict[str, Any] | None:
+    """masks.pt of a finished pruning run ({"masks", "log_alpha", "target", "source"}), or None."""
+    path = RunDir(run_dir).masks
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- the run state kept next to an export --------------------------------------------------------
+
+
+def write_run_state(model_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Keep a run's final domain weights and reference losses next to the model it exported."""
+    return atomic_write_json(Path(model_dir) / RUN_STATE_FILE, state)
+
+
+def read_run_state(model_path: str | Path) -> dict[str, Any]:
+    """The state `write_run_state` kept next to a model, or {} (any other model)."""
+    path = Path(model_path) / RUN_STATE_FILE
+    return json.loads(path.read_text()) if Path(model_path).is_dir() and path.is_file() else {}
+
+
+def write_final_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """The end state of a run without checkpoints (one-shot pruning)."""
+    return atomic_write_json(RunDir(run_dir).final_state, state)
+
+
+def read_final_state(run_dir: str | Path) -> dict[str, Any] | None:
+    """`write_final_state`'s content, or None."""
+    path = RunDir(run_dir).final_state
+    return json.loads(path.read_text()) if path.is_file() else None
