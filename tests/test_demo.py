@@ -59,22 +59,25 @@ def test_summary_table_compares_every_model_with_the_source():
 
 def test_run_stage_keeps_a_finished_run_and_runs_an_unfinished_one(tmp_path, monkeypatch, capsys):
     from sheared.config import save_config
+    from sheared.pipeline import run_stage
     from sheared.run_dir import RunDir, checkpoint_name, write_manifest
     from sheared.train import loop
 
     calls = []
-    monkeypatch.setattr(loop, "run", lambda cfg, run_dir, resume: calls.append((run_dir.name, resume)))
+    monkeypatch.setattr(
+        loop, "run", lambda cfg, run_dir, resume, progress: calls.append((run_dir.name, resume))
+    )
     cfg = _train_cfg()
     cfg.train.steps = 3
     run = RunDir(tmp_path / "continued")
-    demo._run_stage(cfg, run.path)  # nothing there yet
+    run_stage(cfg, run.path)  # nothing there yet
     assert calls == [("continued", False)]
     save_config(cfg, run.config)
     final = run.checkpoints / checkpoint_name(3)
     final.mkdir(parents=True)
     write_manifest(final)
-    demo._run_stage(cfg, run.path)
+    run_stage(cfg, run.path)
     assert calls == [("continued", False)] and "done before" in capsys.readouterr().out
     cfg.train.steps = 5  # a longer plan: the run is continued
-    demo._run_stage(cfg, run.path)
+    run_stage(cfg, run.path)
     assert calls == [("continued", False), ("continued", True)]

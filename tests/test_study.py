@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from sheared.config import load_config
-from sheared.study import ARMS, StudyConfig, plan_arm, run_study
+from sheared.study import ARMS, StudyConfig, plan_arm, prune_config, run_study, train_config
+from sheared.train.config import PruneConfig, TrainConfig
 
 
 def _config(tiny_assets, *overrides):
@@ -19,14 +20,62 @@ def test_plans_spend_the_budget(tiny_assets):
     seq, batch = 64, cfg.global_batch_size
     for name in ARMS:
         arm = plan_arm(name, cfg, seq, 2, best="activation")
-        train_steps = int(next(o for o in arm.train if o.startswith("train.steps=")).split("=")[1])
-        tokens = arm.calibration_tokens + (arm.prune_steps + train_steps) * batch * seq
+        tokens = arm.calibration_tokens + (arm.prune_steps + arm.train_steps) * batch * seq
         assert 20000 - batch * seq * 2 < tokens <= 20000, name  # within two steps of the budget
     l0 = plan_arm("l0-uniform", cfg, seq, 2, None)
     assert l0.prune_steps == round(20000 * cfg.prune_fraction) // (batch * seq)
     assert plan_arm("activation", cfg, seq, 2, None).calibration_tokens == 8 * 2 * 64
-    assert "distill.teacher=source" in plan_arm("best+distill", cfg, seq, 2, "magnitude").train
-    assert "data.dynamic=false" in plan_arm("best-fixed-mix", cfg, seq, 2, "magnitude").prune
+    distill = plan_arm("best+distill", cfg, seq, 2, "magnitude")
+    assert train_config(distill, cfg, "model").distill.teacher == "source"
+    assert prune_config(distill, cfg).distill.alpha == cfg.distill_alpha
+    fixed = plan_arm("best-fixed-mix", cfg, seq, 2, "magnitude")
+    assert not prune_config(fixed, cfg).data.dynamic and not train_config(fixed, cfg, "m").data.dynamic
+
+
+def test_typed_configs_equal_the_dotted_overrides(tiny_assets):
+    """The study builds its runs' configs as typed values; they equal what the dotted overrides of the
+    same settings give (the way the study built them before)."""
+    cfg = _config(tiny_assets, "budget_tokens=20000")
+    target = [f"pruning.target.{k}={v}" for k, v in vars(cfg.target).items()]
+    common = [
+        f"data.path={cfg.data}",
+        "data.auto_prepare=null",
+        f"train.global_batch_size={cfg.global_batch_size}",
+        f"train.micro_batch_size={cfg.global_batch_size}",
+        f"train.seed={cfg.seed}",
+    ]
+    l0 = plan_arm("l0-uniform", cfg, 64, 2, None)
+    prune_eval = -(-l0.prune_steps // cfg.evaluations)
+    expected = load_config(
+        PruneConfig,
+        cfg.prune_config,
+        [
+            f"source={cfg.source}",
+            "source_init=null",
+            *common,
+            *target,
+            "pruning.init=uniform",
+            f"train.steps={l0.prune_steps}",
+            f"train.eval_interval={prune_eval}",
+            f"train.save_interval={l0.prune_steps}",
+        ],
+    )
+    assert prune_config(l0, cfg) == expected
+    scratch = plan_arm("scratch", cfg, 64, 2, None)
+    steps = scratch.train_steps
+    expected = load_config(
+        TrainConfig,
+        cfg.train_config,
+        [
+            "model=m",
+            *common,
+            f"train.steps={steps}",
+            f"train.eval_interval={-(-steps // cfg.evaluations)}",
+            f"train.save_interval={steps}",
+            f"optim.lr={cfg.scratch_lr}",
+        ],
+    )
+    assert train_config(scratch, cfg, "m") == expected
 
 
 def test_study_runs_every_arm_and_skips_finished_ones(tiny_assets, tmp_path, capsys):

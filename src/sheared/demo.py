@@ -20,6 +20,7 @@ directory (`runs/demo`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -36,6 +37,7 @@ from sheared.eval.lm import greedy_generate
 from sheared.files import atomic_write_json
 from sheared.model import DEFAULT_SOURCE, load_source, parameter_counts
 from sheared.model.args import describe
+from sheared.pipeline import continue_and_export, prune_and_export, with_data, with_distill, with_loop
 from sheared.run_dir import CONFIG_FILE, RunDir
 
 
@@ -112,52 +114,17 @@ def prepare_demo_data(cfg: DemoConfig, tokenizer) -> None:
     ensure_prepared(cfg.prepared_dir, auto, tokenizer, cfg.source)
 
 
-def _run_stage(cfg, run_dir: Path) -> None:
-    """Run (or finish) a prune/train run; a finished one (`RunDir.finished`) is kept."""
-    from sheared.train.loop import run
-
-    if RunDir(run_dir).finished(steps=cfg.train.steps):
-        print(f"  done before: {run_dir}")
-        return
-    run(cfg, run_dir, resume=run_dir.exists())  # a run without a checkpoint starts again from step 0
-
-
-def _export_stage(run_dir: Path, out: Path) -> dict:
-    from sheared.export import REPORT_FILE, export_run
-
-    report_file = out / REPORT_FILE
-    if report_file.is_file() and json.loads(report_file.read_text()).get("verified"):
-        print(f"  done before: {out}")
-        return json.loads(report_file.read_text())
-    report = export_run(run_dir, out, force=out.exists())
-    print(
-        f"  {out}: {describe(report['exported_shape'])}, {report['exported_num_params']:,} "
-        f"parameters; reloaded with transformers, max |logit diff| {report['max_abs_logit_diff']:.1e}"
-    )
-    return report
-
-
 def _probe_seconds_per_step(cfg, run_dir: Path, probe_steps: int) -> float:
     """Median seconds of a training step of `cfg` on this machine (the first step is a warm-up)."""
     from sheared.train.loop import run
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    probe = _with(cfg, steps=probe_steps, eval_interval=probe_steps + 1, save_interval=10**9)
-    probe.data.max_eval_sequences = 1
-    run(probe, run_dir, progress=False)
+    probe = with_loop(cfg, steps=probe_steps, eval_interval=probe_steps + 1, save_interval=10**9)
+    run(with_data(probe, max_eval_sequences=1), run_dir, progress=False)
     records = RunDir(run_dir).read_metrics()
     shutil.rmtree(run_dir, ignore_errors=True)
     tokens = probe.train.global_batch_size * (probe.data.seq_len or 256)
     return statistics.median(tokens / r["tokens_per_s"] for r in records[1:])
-
-
-def _with(cfg, **train_fields):
-    import copy
-
-    out = copy.deepcopy(cfg)
-    for k, v in train_fields.items():
-        setattr(out.train, k, v)
-    return out
 
 
 def make_plan(cfg: DemoConfig, run_dir: Path, train_cfgs: dict, started: float) -> dict:
@@ -213,38 +180,29 @@ def run_demo(cfg: DemoConfig, run_dir: str | Path) -> dict:
     data.check_tokenizer(tok)
     print(f"  ready in {time.perf_counter() - t0:.1f} s: {', '.join(data.domains)}")
 
-    common = [f"data.path={cfg.prepared_dir}", "data.auto_prepare=null"]
-    prune_cfg = load_config(
-        PruneConfig, cfg.prune_config, [f"source={cfg.source}", *common, *cfg.prune_overrides]
-    )
+    prune_cfg = load_config(PruneConfig, cfg.prune_config, cfg.prune_overrides)
+    prune_cfg = dataclasses.replace(with_data(prune_cfg, cfg.prepared_dir), source=cfg.source)
     _stage(f"3. prune to the target ({cfg.prune_config}: {prune_cfg.pruning.method}) and export")
-    _run_stage(prune_cfg, run_dir / "prune")
-    pruned = run_dir / "pruned"
-    _export_stage(run_dir / "prune", pruned)
+    pruned = prune_and_export(prune_cfg, run_dir / "prune", run_dir / "pruned")
 
-    runs = {"continued": ["distill.teacher=source"] if cfg.distill else []}
+    template = load_config(TrainConfig, cfg.train_config, cfg.train_overrides)
+    template = dataclasses.replace(with_data(template, cfg.prepared_dir), model=str(pruned))
+    train_cfgs = {"continued": with_distill(template) if cfg.distill else template}
     if cfg.distill:
-        runs["continued-plain"] = []  # the same tokens without a teacher, for comparison
-    train_cfgs = {
-        name: load_config(
-            TrainConfig, cfg.train_config, [f"model={pruned}", *common, *extra, *cfg.train_overrides]
-        )
-        for name, extra in runs.items()
-    }
+        train_cfgs["continued-plain"] = template  # the same tokens without a teacher, for comparison
     _stage(f"4. plan: continued pretraining sized to the {cfg.time_budget_minutes:g}-minute budget")
     plan = make_plan(cfg, run_dir, train_cfgs, start)
 
     exports = {"source": cfg.source, "pruned": str(pruned)}
     for i, (name, train_cfg) in enumerate(train_cfgs.items()):
         steps = plan["steps"]
-        train_cfg = _with(
+        train_cfg = with_loop(
             train_cfg, steps=steps, eval_interval=max(1, steps // 4), save_interval=max(1, steps // 2)
         )
         what = "with distillation from the source" if train_cfg.distill.enabled else "without distillation"
         _stage(f"5.{i + 1} continue pretraining {what}: {steps} steps ({cfg.train_config}) and export")
-        _run_stage(train_cfg, run_dir / f"train-{name}")
-        exports[name] = str(run_dir / f"pruned-{name}")
-        _export_stage(run_dir / f"train-{name}", Path(exports[name]))
+        out = continue_and_export(train_cfg, run_dir / f"train-{name}", run_dir / f"pruned-{name}")
+        exports[name] = str(out)
 
     results = _evaluate_stage(cfg, run_dir, exports)
     _stage("7. reports")

@@ -19,13 +19,13 @@ arms that finished and resumes the others. `OUT/results.json`, `OUT/results.md` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,22 @@ from sheared.files import atomic_write_json, atomic_write_text
 from sheared.hardware import machine_summary
 from sheared.model import DEFAULT_SOURCE, load_source
 from sheared.model.args import describe
+from sheared.pipeline import (
+    RunConfig,
+    continue_and_export,
+    prune_and_export,
+    with_data,
+    with_distill,
+    with_loop,
+    with_lr,
+    with_pruning,
+    with_steps,
+)
 from sheared.pruning.target import TargetShape
+from sheared.report.study import study_figures
+
+if TYPE_CHECKING:
+    from sheared.train.config import PruneConfig, TrainConfig
 
 ARMS = (
     "scratch",
@@ -104,67 +119,57 @@ class Arm:
     """What one arm runs: a pruning run (or none), then a continued-pretraining run."""
 
     name: str
-    prune: list[str] | None
-    """Overrides of the pruning run (None: the scratch arm, which has none)."""
-    train: list[str]
-    """Overrides of the continued-pretraining run (its model is set by the study)."""
+    method: str | None
+    """`pruning.method` of the pruning run (`l0` or a one-shot method); None: the scratch arm, which
+    starts from a random model of the target shape instead."""
+    train_steps: int
+    """Steps of the continued-pretraining run."""
+    init: str = "uniform"
+    """`pruning.init` of an l0 arm."""
     prune_steps: int = 0
     calibration_tokens: int = 0
+    distill: bool = False
+    """Distil from the source in every training run of the arm."""
+    dynamic: bool = True
+    """Dynamic batch loading (False: the fixed initial mix)."""
+    lr: float | None = None
+    """Peak learning rate of the continued-pretraining run (None: the train config's)."""
 
 
 def _steps(tokens: int, cfg: StudyConfig, seq_len: int) -> int:
     return max(1, tokens // (cfg.global_batch_size * seq_len))
 
 
-def _interval(steps: int, cfg: StudyConfig) -> int:
-    return max(1, math.ceil(steps / cfg.evaluations))
-
-
 def plan_arm(name: str, cfg: StudyConfig, seq_len: int, num_domains: int, best: str | None) -> Arm:
     """The runs of one arm within the budget (`best`: the best pruned arm, for the two last arms)."""
     base = name
-    extra_prune: list[str] = []
-    extra_train: list[str] = []
+    variant: dict[str, Any] = {}
     if name in ("best+distill", "best-fixed-mix"):
         if best is None:
             raise UserError(f"arm {name} needs at least one pruned arm to have finished first")
         base = best
-        distill = ["distill.teacher=source", f"distill.alpha={cfg.distill_alpha}"]
-        distill.append(f"distill.temperature={cfg.distill_temperature}")
-        extra = distill if name == "best+distill" else ["data.dynamic=false"]
-        extra_prune, extra_train = list(extra), list(extra)  # `source`: the source, also for the export
+        variant = {"distill": True} if name == "best+distill" else {"dynamic": False}
     calibration = (
         calibration_tokens(cfg, num_domains, seq_len) if base in ("activation", "l0-activation") else 0
     )
     budget = cfg.budget_tokens - calibration
     if base == "scratch":
-        train_steps = _steps(budget, cfg, seq_len)
-        train = [f"optim.lr={cfg.scratch_lr}", *extra_train]
-        return Arm(name, None, _train_overrides(train_steps, cfg, train), 0, 0)
+        return Arm(name, None, _steps(budget, cfg, seq_len), lr=cfg.scratch_lr, **variant)
     if base in ONE_SHOT:
-        prune = [f"pruning.method={ONE_SHOT[base]}", *extra_prune]
         return Arm(
-            name, prune, _train_overrides(_steps(budget, cfg, seq_len), cfg, extra_train), 0, calibration
+            name, ONE_SHOT[base], _steps(budget, cfg, seq_len), calibration_tokens=calibration, **variant
         )
     prune_steps = _steps(round(budget * cfg.prune_fraction), cfg, seq_len)
     train_steps = _steps(budget - prune_steps * cfg.global_batch_size * seq_len, cfg, seq_len)
-    prune = [
-        f"pruning.init={L0_INIT[base]}",
-        f"train.steps={prune_steps}",
-        f"train.eval_interval={_interval(prune_steps, cfg)}",
-        f"train.save_interval={prune_steps}",
-        *extra_prune,
-    ]
-    return Arm(name, prune, _train_overrides(train_steps, cfg, extra_train), prune_steps, calibration)
-
-
-def _train_overrides(steps: int, cfg: StudyConfig, extra: list[str]) -> list[str]:
-    return [
-        f"train.steps={steps}",
-        f"train.eval_interval={_interval(steps, cfg)}",
-        f"train.save_interval={steps}",
-        *extra,
-    ]
+    return Arm(
+        name,
+        "l0",
+        train_steps,
+        init=L0_INIT[base],
+        prune_steps=prune_steps,
+        calibration_tokens=calibration,
+        **variant,
+    )
 
 
 def calibration_tokens(cfg: StudyConfig, num_domains: int, seq_len: int) -> int:
@@ -172,6 +177,42 @@ def calibration_tokens(cfg: StudyConfig, num_domains: int, seq_len: int) -> int:
     from sheared.train.config import PruneConfig
 
     return load_config(PruneConfig, cfg.prune_config).pruning.calibration * num_domains * seq_len
+
+
+def _common(cfg: StudyConfig, run_cfg: RunConfig, arm: Arm) -> RunConfig:
+    """What every run of the study shares: the data, the batch, the seed, and the arm's variant."""
+    run_cfg = with_data(run_cfg, cfg.data, **({} if arm.dynamic else {"dynamic": False}))
+    run_cfg = with_loop(
+        run_cfg,
+        global_batch_size=cfg.global_batch_size,
+        micro_batch_size=cfg.global_batch_size,
+        seed=cfg.seed,
+    )
+    if arm.distill:
+        run_cfg = with_distill(run_cfg, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
+    return run_cfg
+
+
+def prune_config(arm: Arm, cfg: StudyConfig) -> PruneConfig:
+    """The arm's pruning run, from the study's pruning template."""
+    from sheared.train.config import PruneConfig
+
+    template = load_config(PruneConfig, cfg.prune_config)
+    run_cfg = dataclasses.replace(_common(cfg, template, arm), source=cfg.source, source_init=None)
+    run_cfg = with_pruning(run_cfg, target=cfg.target, method=arm.method, init=arm.init)
+    if arm.method == "l0":  # one checkpoint, at the end (what export reads)
+        run_cfg = with_steps(run_cfg, arm.prune_steps, cfg.evaluations)
+    return run_cfg
+
+
+def train_config(arm: Arm, cfg: StudyConfig, start: Path) -> TrainConfig:
+    """The arm's continued-pretraining run of the model at `start`, from the study's train template."""
+    from sheared.train.config import TrainConfig
+
+    template = load_config(TrainConfig, cfg.train_config)
+    run_cfg = _common(cfg, dataclasses.replace(template, model=str(start)), arm)
+    run_cfg = with_steps(run_cfg, arm.train_steps, cfg.evaluations)
+    return run_cfg if arm.lr is None else with_lr(run_cfg, arm.lr)
 
 
 # --- running one arm ---------------------------------------------------------------------------------
@@ -193,43 +234,20 @@ def _random_target_model(cfg: StudyConfig, out: Path) -> Path:
     return out
 
 
-def _common(cfg: StudyConfig) -> list[str]:
-    return [
-        f"data.path={cfg.data}",
-        "data.auto_prepare=null",
-        f"train.global_batch_size={cfg.global_batch_size}",
-        f"train.micro_batch_size={cfg.global_batch_size}",
-        f"train.seed={cfg.seed}",
-    ]
-
-
 def run_arm(arm: Arm, cfg: StudyConfig, out: Path) -> dict[str, Any]:
     """Prune (or make the random model), export, continue, export, evaluate; the arm's result."""
     from sheared.eval.evaluate import per_domain
-    from sheared.export import REPORT_FILE, export_run
-    from sheared.train.config import PruneConfig, TrainConfig
-    from sheared.train.loop import run
 
     t0 = time.perf_counter()
-    target = [f"pruning.target.{k}={v}" for k, v in vars(cfg.target).items()]
-    if arm.prune is None:
+    if arm.method is None:
         start = _random_target_model(cfg, out / "random-init")
     else:
-        prune_cfg = load_config(
-            PruneConfig, cfg.prune_config, [f"source={cfg.source}", *_common(cfg), *target, *arm.prune]
-        )
-        run(prune_cfg, out / "prune", resume=(out / "prune").exists())
-        start = out / "pruned"
-        if not (start / REPORT_FILE).is_file():
-            export_run(out / "prune", start, force=start.exists())
+        start = prune_and_export(prune_config(arm, cfg), out / "prune", out / "pruned")
     prune_seconds = time.perf_counter() - t0
-    train_cfg = load_config(TrainConfig, cfg.train_config, [f"model={start}", *_common(cfg), *arm.train])
+    train_cfg = train_config(arm, cfg, start)
     t1 = time.perf_counter()
-    run(train_cfg, out / "train", resume=(out / "train").exists())
+    final = continue_and_export(train_cfg, out / "train", out / "final")
     train_seconds = time.perf_counter() - t1
-    final = out / "final"
-    if not (final / REPORT_FILE).is_file():
-        export_run(out / "train", final, force=final.exists())
     losses = {d: v["loss"] for d, v in per_domain(str(final), cfg.data, 8, None).items()}
     tokens = arm.calibration_tokens + (
         arm.prune_steps + train_cfg.train.steps
@@ -321,7 +339,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", results_markdown(summary))
-    _figures(summary, out)
+    study_figures(summary, out)
     print("\n" + results_markdown(summary))
     return summary
 
@@ -360,64 +378,3 @@ def results_markdown(summary: dict[str, Any]) -> str:
             + f" | {r['mean_eval_loss']:.3f} | {r['worst_excess']:+.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _figures(summary: dict[str, Any], out: Path) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed: the study's figures are skipped (pip install 'sheared[plots]')")
-        return
-    arms, domains = summary["arms"], list(summary["source_eval_loss"])
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for name, r in arms.items():
-        points = [(p["tokens"], sum(p["eval_loss"].values()) / len(p["eval_loss"])) for p in r["curve"]]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
-    ax.axhline(
-        sum(summary["source_eval_loss"].values()) / len(domains),
-        color="black",
-        linestyle="--",
-        label="source",
-    )
-    ax.set(
-        title="mean held-out loss against tokens",
-        xlabel="tokens (calibration + pruning + training)",
-        ylabel="loss",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(out / "loss_vs_tokens.png", dpi=110)
-
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / (len(arms) + 1)
-    for i, (name, values) in enumerate(
-        [("source", summary["source_eval_loss"])] + [(n, r["eval_loss"]) for n, r in arms.items()]
-    ):
-        ax.bar([d + i * width for d in range(len(domains))], [values[d] for d in domains], width, label=name)
-    ax.set_xticks([d + 0.4 for d in range(len(domains))], domains)
-    ax.set(title="final held-out loss per domain", ylabel="loss")
-    ax.legend(fontsize="small", ncols=3)
-    fig.savefig(out / "domain_losses.png", dpi=110)
-
-    dbl = next((n for n in ("best+distill", "activation", *arms) if n in arms), None)
-    if dbl is not None:
-        from sheared.run_dir import DOMAIN_WEIGHT, RunDir
-
-        records = RunDir(out / dbl / "train").read_metrics()
-        fig = Figure(figsize=(8, 4), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        steps = [r["step"] for r in records]
-        for d in domains:
-            ax.plot(steps, [r.get(DOMAIN_WEIGHT + d, math.nan) for r in records], label=d)
-        ax.set(
-            title=f"domain weights of `{dbl}`'s continued pretraining (dynamic batch loading)", xlabel="step"
-        )
-        ax.legend(fontsize="small", ncols=2)
-        fig.savefig(out / "domain_weights.png", dpi=110)
