@@ -35,7 +35,8 @@ import torch
 
 from sheared.errors import UserError
 from sheared.export.export import REPORT_FILE, ExportVerificationError
-from sheared.files import atomic_write_json, fsync_dir, tmp_path
+from sheared.files import FAILED_SUFFIX as FAILED_SUFFIX  # re-exported: a GGUF file that failed verification
+from sheared.files import atomic_write_json, failed_path, publish_dir
 from sheared.model import CausalLM, ModelArgs
 from sheared.model.gguf_file import (
     ROPE_FREQS_TENSOR,
@@ -55,8 +56,6 @@ FILE_TYPES = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 GGUF_FAMILIES = ("llama", "mistral")  # the families that are llama.cpp's `llama` architecture
-# A GGUF file that failed verification is kept under its name + this, for inspection.
-FAILED_SUFFIX = ".unverified"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,21 +645,15 @@ def export_gguf(
             f"{model_dir} has no tokenizer files; a GGUF file carries the vocabulary, so it needs one"
         )
     ids = (default_verification_ids(source.tokenizer) if ids is None else ids).long()
-    tmp = tmp_path(final)
-    try:
+    # written as model-<type>.gguf.tmp, read back, then renamed; a file that fails stays as .unverified
+    with publish_dir(final, replace=force, mkdir=False, keep_failed=(GGUFVerificationError,)) as tmp:
         written = write_gguf(source.model, source.tokenizer, source.hf_config, tmp, gguf_type)
         result = verify_gguf(tmp, model_dir, source.model, ids, gguf_type)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    entry = {"path": str(final), "type": gguf_type, "bytes": tmp.stat().st_size, **written, **result}
-    if not result["verified"]:
-        failed = final.with_name(final.name + FAILED_SUFFIX)
-        os.replace(tmp, failed)
-        entry["path"] = str(failed)
-        raise GGUFVerificationError(f"{failed} failed verification: {'; '.join(result['problems'])}", entry)
-    os.replace(tmp, final)
-    fsync_dir(model_dir)
+        entry = {"path": str(final), "type": gguf_type, "bytes": tmp.stat().st_size, **written, **result}
+        if not result["verified"]:
+            failed = failed_path(final)
+            entry["path"] = str(failed)
+            raise GGUFVerificationError(f"{failed} failed verification: {'; '.join(result['problems'])}", entry)
     return entry
 
 
@@ -700,10 +693,10 @@ def check_run_for_gguf(run_path: str | Path) -> None:
 
 def run_verification_ids(run_path: str | Path, export_dir: str | Path) -> torch.Tensor:
     """The ids the HF export of a run was verified on (its held-out data, else `REAL_TEXTS`)."""
-    from sheared.export.export import _verification_ids, resolve_run
+    from sheared.export.export import resolve_run, verification_ids
     from sheared.model import load_tokenizer
 
-    return _verification_ids(resolve_run(run_path).config, load_tokenizer(export_dir), 4)
+    return verification_ids(resolve_run(run_path).config, load_tokenizer(export_dir), 4)
 
 
 def gguf_summary(entry: dict[str, Any]) -> list[str]:
