@@ -276,12 +276,10 @@ def _check_new_file(path: str, force: bool) -> None:
 
 
 def _write_json_new(path: str, data: dict, force: bool) -> None:
-    from pathlib import Path
+    from sheared.files import atomic_write_json
 
     _check_new_file(path, force)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
