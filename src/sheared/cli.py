@@ -172,58 +172,11 @@ def cmd_plan_target(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from pathlib import Path
+    from sheared.export.command import export_command
 
-    from sheared.export import ExportVerificationError, export_run
-    from sheared.export.gguf import (
-        add_gguf_to_export,
-        check_run_for_gguf,
-        gguf_summary,
-        is_export_dir,
-        requested_gguf_type,
-        run_verification_ids,
+    return export_command(
+        ns.run, ns.out, force=ns.force, dtype=ns.dtype, gguf=ns.gguf, gguf_type=ns.gguf_type
     )
-
-    gguf_type = requested_gguf_type(ns.gguf, ns.gguf_type)  # checked before anything is written
-    if gguf_type is not None and is_export_dir(ns.run):  # a finished export: add its GGUF file
-        if ns.out is not None and Path(ns.out).resolve() != Path(ns.run).resolve():
-            raise UserError(
-                f"{ns.run} is an export and its GGUF file is written into it; drop --out {ns.out}"
-            )
-        out, ids = ns.run, None
-    else:
-        if ns.out is None:
-            raise UserError("--out is required: the new folder the export is written to")
-        if gguf_type is not None:
-            check_run_for_gguf(ns.run)
-        try:
-            report = export_run(ns.run, ns.out, force=ns.force, dtype=ns.dtype)
-        except ExportVerificationError as e:
-            print(f"sheared: export failed verification: {e}", file=sys.stderr)
-            return 1
-        from sheared.model.args import describe
-
-        shape = report["exported_shape"]
-        print(
-            f"exported {shape['model_type']}: {describe(shape, detail=True)}; "
-            f"{report['exported_num_params']:,} parameters"
-        )
-        print(
-            f"verified: strict reload with transformers, max |logit diff| {report['max_abs_logit_diff']:.2e} "
-            f"(tolerance {report['tolerance']:g}); report in {ns.out}/export_report.json"
-        )
-        if gguf_type is None:
-            return 0
-        out, ids = ns.out, run_verification_ids(ns.run, ns.out)  # the ids the HF export was verified on
-    try:
-        report = add_gguf_to_export(out, gguf_type, ids=ids, force=ns.force)
-    except ExportVerificationError as e:
-        print(
-            f"sheared: GGUF export failed verification (the HF export in {out} is fine): {e}", file=sys.stderr
-        )
-        return 1
-    print("\n".join(gguf_summary(report["gguf"])))
-    return 0
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -276,12 +229,10 @@ def _check_new_file(path: str, force: bool) -> None:
 
 
 def _write_json_new(path: str, data: dict, force: bool) -> None:
-    from pathlib import Path
+    from sheared.files import atomic_write_json
 
     _check_new_file(path, force)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

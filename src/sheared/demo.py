@@ -247,7 +247,7 @@ def _evaluate_stage(cfg: DemoConfig, run_dir: Path, exports: dict[str, str]) -> 
     )
     results["throughput"] = speed["throughput"]
     results["labels"] = dict(zip(results["models"], exports))
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(run_dir / "eval.json", results)
     return results
 
 
@@ -288,7 +288,7 @@ def _finish(
         "generate_speedup": pruned_tp["generate_tokens_per_s"] / source_tp["generate_tokens_per_s"],
         "seconds": time.perf_counter() - start,
     }
-    (run_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(run_dir / "demo.json", result)
     print("\n" + table)
     print(
         f"\ndone in {result['seconds'] / 60:.1f} min (budget {cfg.time_budget_minutes:g}). Pruned vs source "

@@ -3,6 +3,10 @@
 A file is written as `NAME.tmp` beside its final path, flushed and fsynced, then renamed over the
 final path, and the rename is made durable by fsyncing the folder. A crash at any moment leaves
 either the old file or the new one, never half of one; the `.tmp` file is removed on failure.
+
+A folder (a checkpoint, an export, a saved tokenizer, a random source) is built the same way by
+`publish_dir`: under a temporary name beside its destination, checked there, then renamed into
+place, with a previous folder kept until the new one is in place.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
+# What a folder (or file) that failed its verification is kept as beside its destination, for inspection.
+FAILED_SUFFIX = ".unverified"
 
 
 def tmp_path(path: str | Path) -> Path:
@@ -85,6 +93,110 @@ def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
 def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
     """`atomic_write` of JSON (UTF-8, not ASCII-escaped, a final newline)."""
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def failed_path(dest: str | Path) -> Path:
+    """Where `publish_dir` keeps a build of `dest` that failed with one of its `keep_failed` errors."""
+    p = Path(dest)
+    return p.with_name(p.name + FAILED_SUFFIX)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder (recursively) or a file, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+@contextmanager
+def publish_dir(
+    dest: str | Path,
+    *,
+    replace: bool = False,
+    suffix: str = TMP_SUFFIX,
+    mkdir: bool = True,
+    fsync: bool = False,
+    keep_failed: tuple[type[BaseException], ...] = (),
+    owner: bool = True,
+) -> Iterator[Path]:
+    """Build `dest` under a temporary name beside it; when the body succeeds, rename it into place.
+
+    `with publish_dir(dest) as tmp:` yields `tmp` = `dest` + `suffix` in the same folder (a stale one
+    left by a killed process is removed first; the parent folder is created). The body writes and
+    checks everything in `tmp`. When it returns, `tmp` is renamed to `dest` and the rename is made
+    durable (the parent folder is fsynced), so `dest` is at any moment absent, the previous one or
+    the new one, never half of one. When the body raises, `tmp` is removed (or kept, see
+    `keep_failed`), `dest` is left as it was, and the exception propagates.
+
+    Args:
+        dest: the final folder (or, with `mkdir=False`, a single file the body writes at `tmp`).
+        replace: replace an existing `dest`. A folder is first renamed aside to `dest.old` + `suffix`
+            and removed only once the new one is in place (put back if that rename fails); a file
+            is replaced by the one rename. Without `replace`, an existing `dest` (other than an empty
+            folder, which a rename replaces) makes the swap fail with FileExistsError.
+        suffix: the temporary name's suffix (`.tmp`; an export uses `.export-tmp`). Code that
+            cleans up after a killed process recognises leftovers by it: the aside folder ends in
+            it too.
+        mkdir: create `tmp` as an empty folder; False lets the body create it (e.g. write a file).
+        fsync: fsync every file under `tmp` (or the file `tmp`) before the rename.
+        keep_failed: exception types after which `tmp` is kept as `failed_path(dest)` (`dest` +
+            `.unverified`, replacing an earlier one) for inspection instead of being removed.
+        owner: whether this process creates, renames and cleans up `tmp`. The other ranks of a
+            distributed job pass False: they only get the path and write into it, between barriers
+            the caller places.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + suffix)
+    if not owner:
+        yield tmp
+        return
+    _remove(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if fsync:
+            fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
+        _swap_in(tmp, dest, replace=replace, aside=dest.with_name(dest.name + ".old" + suffix))
+    except BaseException as e:
+        if isinstance(e, keep_failed) and (tmp.exists() or tmp.is_symlink()):
+            failed = failed_path(dest)
+            _remove(failed)
+            os.replace(tmp, failed)
+        else:
+            _remove(tmp)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, dest: Path, *, replace: bool, aside: Path) -> None:
+    """Rename `tmp` to `dest`; an existing `dest` (when `replace`) stays as `aside` until then."""
+    exists = dest.exists() or dest.is_symlink()
+    if exists and not replace and not (tmp.is_dir() and _is_empty_dir(dest)):
+        raise FileExistsError(errno.EEXIST, f"{dest} exists and is not replaced", str(dest))
+    if exists and replace and (dest.is_dir() or tmp.is_dir()):
+        _remove(aside)
+        os.replace(dest, aside)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(aside, dest)
+            raise
+        fsync_dir(dest.parent)
+        _remove(aside)
+        return
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
 
 
 # errno values of a write that cannot succeed until the user frees space or fixes permissions

@@ -31,7 +31,7 @@ import torch
 
 from sheared.config import load_config, save_config
 from sheared.errors import UserError
-from sheared.files import atomic_write_json, atomic_write_text
+from sheared.files import atomic_write_json, atomic_write_text, publish_dir
 from sheared.hardware import machine_summary
 from sheared.model import DEFAULT_SOURCE, load_source
 from sheared.model.args import describe
@@ -228,9 +228,8 @@ def _random_target_model(cfg: StudyConfig, out: Path) -> Path:
     args = cfg.target.model_args(source.args)
     model = CausalLM(args)
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
-    tmp = out.with_name(out.name + ".tmp")
-    save_hf(model, tmp, tokenizer=source.tokenizer, base_config=source.hf_config)
-    tmp.rename(out)
+    with publish_dir(out) as tmp:
+        save_hf(model, tmp, tokenizer=source.tokenizer, base_config=source.hf_config)
     return out
 
 

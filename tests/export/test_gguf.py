@@ -26,6 +26,8 @@ from sheared.export.gguf import (
     gguf_path,
     rope_freq_factors,
 )
+from sheared.export.gguf import layout as gguf_layout
+from sheared.export.gguf import vocabulary as gguf_vocabulary
 from sheared.model import args_from_hf_config, load_source, load_tokenizer
 from sheared.model.gguf_file import _unpermute_rotary, permute_rotary
 
@@ -220,7 +222,7 @@ def test_rope_scaling(rope, bpe_tokenizer, tmp_path):
 def test_q_and_k_rows_left_in_hf_order_fail_verification(gguf_type, bpe_tokenizer, tmp_path, monkeypatch):
     """A layout mistake fails even where rounding would hide it in the logits (near-uniform attention)."""
     model_dir = _hf_dir(tmp_path / "m", bpe_tokenizer, heads=4, kv_heads=2)
-    monkeypatch.setattr(gguf_export, "permute_rotary", lambda w, num_heads: w)
+    monkeypatch.setattr(gguf_layout, "permute_rotary", lambda w, num_heads: w)
     with pytest.raises(
         GGUFVerificationError,
         match=r"other weights than the rounded HF ones: .*k_proj.*transformers' GGUF loader",
@@ -393,7 +395,8 @@ def test_pre_tokenizer_names(name, pre_tokenizer, bpe_tokenizer):
     tok = Tokenizer.from_str(bpe_tokenizer.backend_tokenizer.to_str())
     tok.pre_tokenizer = pre_tokenizer(pt)
     assert (
-        gguf_export.PRE_TOKENIZERS.get(gguf_export._pre_tokenizer_signature(json.loads(tok.to_str()))) == name
+        gguf_export.PRE_TOKENIZERS.get(gguf_vocabulary._pre_tokenizer_signature(json.loads(tok.to_str())))
+        == name
     )
 
 

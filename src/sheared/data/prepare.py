@@ -61,7 +61,7 @@ from sheared.data.tokens import (
     write_metadata,
 )
 from sheared.errors import UserError
-from sheared.files import tmp_path
+from sheared.files import publish_dir
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 CORPUS_GLOB = "*.jsonl"  # the sample corpus: one `<domain>.jsonl` per domain
@@ -381,17 +381,13 @@ def _save_tokenizer(tokenizer: Any, out: Path, fingerprint: dict[str, Any]) -> P
     from transformers import AutoTokenizer
 
     target = out / TOKENIZER_DIR
-    staging = tmp_path(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    tokenizer.save_pretrained(str(staging))
-    reloaded = AutoTokenizer.from_pretrained(str(staging))
-    if tokenizer_fingerprint(reloaded)["sha256"] != fingerprint["sha256"]:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(
-            f"tokenizer {fingerprint['name']} does not reload identically from save_pretrained; use num_workers 1"
-        )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    with publish_dir(target, replace=True) as staging:
+        tokenizer.save_pretrained(str(staging))
+        reloaded = AutoTokenizer.from_pretrained(str(staging))
+        if tokenizer_fingerprint(reloaded)["sha256"] != fingerprint["sha256"]:
+            raise UserError(
+                f"tokenizer {fingerprint['name']} does not reload identically from save_pretrained; use num_workers 1"
+            )
     return target
 
 

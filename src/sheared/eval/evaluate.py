@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from typing import Any
 from sheared.errors import UserError
 from sheared.eval.domain_loss import domain_losses
 from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
+from sheared.files import atomic_write_json
 from sheared.model import load_source
 from sheared.precision import torch_dtype
 
@@ -144,7 +144,4 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(results, indent=2) + "\n")
-    return p
+    return atomic_write_json(path, results)

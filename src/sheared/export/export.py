@@ -11,8 +11,6 @@ numbers go into `export_report.json`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ import torch.nn.functional as F
 
 from sheared.config import config_from_dict
 from sheared.errors import UserError
-from sheared.files import atomic_write_json, atomic_write_text, disk_problem, fsync_dir
+from sheared.files import FAILED_SUFFIX as FAILED_SUFFIX  # re-exported: an export that failed verification
+from sheared.files import atomic_write_json, atomic_write_text, disk_problem, publish_dir
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
 from sheared.model.args import SHAPE_FIELDS
 from sheared.pruning import L0Module, LagrangianConstraint
@@ -106,7 +105,7 @@ def check_output_dir(out: Path, force: bool, source: Path, run_dir: Path) -> Non
             )
 
 
-def _verification_ids(cfg: PruneConfig | TrainConfig, tokenizer: Any, num_sequences: int) -> torch.Tensor:
+def verification_ids(cfg: PruneConfig | TrainConfig, tokenizer: Any, num_sequences: int) -> torch.Tensor:
     """Real token sequences: held-out sequences of the run's data, else public-domain paragraphs."""
     from sheared.data.tokens import PreparedData
 
@@ -209,7 +208,7 @@ def export_model(
     if release_weights:  # saved, and `expected` computed: the reload is then the only model in memory
         model.to("meta")
     for name, content in (extra_files or {}).items():
-        (out / name).write_text(json.dumps(content, indent=2) + "\n")
+        atomic_write_json(out / name, content)
     diff = verify_export(out, expected, ids)
     largest = expected.abs().max().item()
     tolerance = VERIFY_ATOL + VERIFY_RTOL * largest
@@ -303,43 +302,43 @@ def export_run(
         "step": trainer_state["step"],
         "tokens": trainer_state["tokens"],
     }
-    ids = _verification_ids(cfg, source.tokenizer, num_sequences)
-    staging = _staging_dir(out)
+    ids = verification_ids(cfg, source.tokenizer, num_sequences)
     needed = sum(p.numel() for p in model.parameters()) * DTYPES[dtype].itemsize
     try:
-        write_run_state(staging, run_state)  # `sheared train` of the export starts from it
-        report = export_model(
-            model,
-            masks,
-            staging,
-            source=source,
-            ids=ids,
-            dtype=DTYPES[dtype],
-            release_weights=True,
-        )
-        report.update(
-            {
-                "run_dir": str(run.run_dir),
-                "checkpoint": str(run.checkpoint) if run.checkpoint else None,
-                "step": trainer_state["step"],
-                "tokens_trained": trainer_state["tokens"],
-                "source": str(source.path),
-                "expected_minus_target_sparsity": gap,
-            }
-        )
-        if masks is not None:
-            binary = {n: getattr(masks, n) for n in masks.names()}
-            report["masks_num_params"] = round(expected_num_params(model.args, binary).item())
-        atomic_write_text(staging / "README.md", model_card(report, cfg, pruning, str(path), str(out_dir)))
-        atomic_write_json(staging / REPORT_FILE, report)  # last: a folder without it is not an export
-        _swap_in(staging, out)
+        # built and verified in OUT.export-tmp/, then swapped in; a failed verification stays as OUT.unverified/
+        with publish_dir(
+            out, replace=True, suffix=STAGING_SUFFIX, keep_failed=(ExportVerificationError,)
+        ) as staging:
+            write_run_state(staging, run_state)  # `sheared train` of the export starts from it
+            report = export_model(
+                model,
+                masks,
+                staging,
+                source=source,
+                ids=ids,
+                dtype=DTYPES[dtype],
+                release_weights=True,
+            )
+            report.update(
+                {
+                    "run_dir": str(run.run_dir),
+                    "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+                    "step": trainer_state["step"],
+                    "tokens_trained": trainer_state["tokens"],
+                    "source": str(source.path),
+                    "expected_minus_target_sparsity": gap,
+                }
+            )
+            if masks is not None:
+                binary = {n: getattr(masks, n) for n in masks.names()}
+                report["masks_num_params"] = round(expected_num_params(model.args, binary).item())
+            atomic_write_text(
+                staging / "README.md", model_card(report, cfg, pruning, str(path), str(out_dir))
+            )
+            atomic_write_json(staging / REPORT_FILE, report)  # last: a folder without it is not an export
     except ExportVerificationError:
-        failed = out.with_name(out.name + FAILED_SUFFIX)
-        shutil.rmtree(failed, ignore_errors=True)
-        os.replace(staging, failed)
         raise
     except Exception as e:
-        shutil.rmtree(staging, ignore_errors=True)
         problem = disk_problem(e)
         if problem is None:
             raise
@@ -351,26 +350,6 @@ def export_run(
 
 
 STAGING_SUFFIX = ".export-tmp"
-FAILED_SUFFIX = ".unverified"
-
-
-def _staging_dir(out: Path) -> Path:
-    """A fresh folder beside `out` that the export is written and verified in before it is swapped in."""
-    staging = out.with_name(out.name + STAGING_SUFFIX)
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    return staging
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Replace `out` by the verified `staging` folder; a previous export is removed only after."""
-    old = out.with_name(out.name + ".old" + STAGING_SUFFIX)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(staging, out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_finite(model: CausalLM, run: RunCheckpoint) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from sheared.files import tmp_path
+from sheared.files import publish_dir
 from sheared.model.args import ModelArgs
 from sheared.model.decoder import CausalLM
 from sheared.model.families import hf_config_from_args
@@ -63,6 +63,5 @@ def ensure_source(init: SourceInit, path: str | Path) -> None:
     model = CausalLM(args)
     model.init_weights(torch.Generator().manual_seed(init.seed))
     base = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    tmp = tmp_path(out)
-    save_hf(model, tmp, tokenizer=tokenizer, base_config=hf_config_from_args(args, base))
-    tmp.rename(out)
+    with publish_dir(out) as tmp:
+        save_hf(model, tmp, tokenizer=tokenizer, base_config=hf_config_from_args(args, base))

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
-from sheared.files import TMP_SUFFIX, disk_problem, fsync_tree
+from sheared.files import TMP_SUFFIX, atomic_write_json, disk_problem, publish_dir, tmp_path
 from sheared.run_dir import (  # names, listing and the manifest live with the run directory
     DAMAGED_SUFFIX,
     MANIFEST,
@@ -125,28 +125,22 @@ def save_checkpoint(
     """Save everything needed to resume at `step`; every rank calls this (collective under FSDP)."""
     root = RunDir(run_dir).checkpoints
     final = root / checkpoint_name(step)
-    tmp = root / (checkpoint_name(step) + TMP_SUFFIX)
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_state, optim_state = get_state_dict(module, optimizer)
+    # written into `step_N.tmp/` by every rank, fsynced and renamed by the main one; a re-run of the
+    # same step after a resume replaces it whole; a full or read-only disk leaves nothing half-written
     try:
-        with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-        _barrier()
-        if _is_main():
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-            write_manifest(tmp)
-            fsync_tree(tmp)
-    except Exception as e:  # a full or read-only disk: leave nothing half-written behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(e, tmp, _state_bytes(module, optimizer)) from None
+        with publish_dir(final, replace=True, suffix=TMP_SUFFIX, fsync=True, owner=_is_main()) as tmp:
+            _barrier()
+            model_state, optim_state = get_state_dict(module, optimizer)
+            with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+            _barrier()
+            if _is_main():
+                atomic_write_json(tmp / TRAINER_STATE, trainer_state, indent=1)
+                write_manifest(tmp)
+    except Exception as e:
+        raise _disk_error(e, tmp_path(final), _state_bytes(module, optimizer)) from None
     if _is_main():
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     _barrier()
