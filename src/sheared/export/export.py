@@ -25,6 +25,7 @@ from sheared.files import FAILED_SUFFIX as FAILED_SUFFIX  # re-exported: an expo
 from sheared.files import atomic_write_json, atomic_write_text, disk_problem, publish_dir
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
 from sheared.model.args import SHAPE_FIELDS
+from sheared.precision import torch_dtype
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.pruning.params import expected_num_params
@@ -49,7 +50,7 @@ REPORT_FILE = "export_report.json"
 VERIFY_ATOL = 1e-3
 VERIFY_RTOL = 1e-4
 FAR_FROM_TARGET = 0.05  # warn when a mask type's expected sparsity is further than this from its target
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # saved weight dtypes (`--dtype`); `precision.torch_dtype` maps them
 
 
 class ExportVerificationError(RuntimeError):
@@ -188,13 +189,7 @@ def export_model(
     expected = reference_logits(model, masks, ids)  # before the compacted copy exists
     if masks is not None:
         kept = kept_structure(model.args, masks)
-        target_args = model.args.replace(
-            num_hidden_layers=len(kept.layers),
-            hidden_size=len(kept.hidden),
-            num_attention_heads=len(kept.layers[0].query_heads),
-            num_key_value_heads=len(kept.layers[0].kv_heads),
-            intermediate_size=len(kept.layers[0].intermediate),
-        )
+        target_args = kept.shape().model_args(model.args)
         with torch.device("meta"):
             small = CausalLM(target_args)  # takes the slices themselves: one copy of the target
         small.load_state_dict(
@@ -303,7 +298,7 @@ def export_run(
         "tokens": trainer_state["tokens"],
     }
     ids = verification_ids(cfg, source.tokenizer, num_sequences)
-    needed = sum(p.numel() for p in model.parameters()) * DTYPES[dtype].itemsize
+    needed = sum(p.numel() for p in model.parameters()) * torch_dtype(dtype).itemsize
     try:
         # built and verified in OUT.export-tmp/, then swapped in; a failed verification stays as OUT.unverified/
         with publish_dir(
@@ -316,7 +311,7 @@ def export_run(
                 staging,
                 source=source,
                 ids=ids,
-                dtype=DTYPES[dtype],
+                dtype=torch_dtype(dtype),
                 release_weights=True,
             )
             report.update(
