@@ -24,6 +24,7 @@ from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_t
 from sheared.hardware import machine_summary
 from sheared.model import load_source
 from sheared.model.args import ModelArgs, parameter_counts
+from sheared.precision import torch_dtype
 from sheared.train.config import PruneConfig
 
 GOAL_FRACTION = 0.8
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     a = parser.parse_args()
     transformers.logging.set_verbosity_error()
-    dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(a.dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
         pruned_dir = a.pruned

@@ -61,16 +61,17 @@ def worker(source: str, mode: str) -> None:
     import torch.distributed as dist
 
     from sheared.model import load_source
+    from sheared.precision import FP32
     from sheared.train.config import DistributedConfig
     from sheared.train.distributed import _fully_shard, init_distributed, load_sharded, shutdown
 
     env = init_distributed(DistributedConfig(strategy="fsdp"), "cpu")
     baseline = _peak_bytes()
     if mode == "sharded":
-        load_sharded(source, env, activation_checkpointing=False, bf16=False)
+        load_sharded(source, env, activation_checkpointing=False, precision=FP32)
     else:
         model = load_source(source, with_tokenizer=False).model
-        _fully_shard(model, bf16=False)
+        _fully_shard(model, FP32)
     peaks = [None] * env.world_size
     dist.all_gather_object(peaks, {"peak": _peak_bytes(), "baseline": baseline})
     if env.is_main:

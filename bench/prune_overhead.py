@@ -30,6 +30,7 @@ import torch
 from sheared.eval.loss import fused_loss, next_token_labels
 from sheared.hardware import machine_summary
 from sheared.model import CausalLM, ModelArgs
+from sheared.precision import Precision
 from sheared.pruning import L0Module, LagrangianConstraint, TargetShape
 from sheared.train.config import OptimConfig, PruningConfig
 from sheared.train.loop import mask_generator
@@ -69,7 +70,7 @@ def build(device: torch.device):
     return model, l0, lagrangian, optimizer
 
 
-def make_step(masked: bool, model, l0, lagrangian, optimizer, ids, bf16: bool):
+def make_step(masked: bool, model, l0, lagrangian, optimizer, ids, precision: Precision):
     labels = next_token_labels(ids)
     device = ids.device
 
@@ -81,7 +82,7 @@ def make_step(masked: bool, model, l0, lagrangian, optimizer, ids, bf16: bool):
         if masked:
             l0.clamp_()
             masks = l0.sample(mask_generator(0, index, 0))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with precision.autocast():
             parts = model(ids, masks, head=head)
         parts.loss.backward()
         if masked:
@@ -151,12 +152,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    device, bf16 = torch.device(ns.device), ns.precision == "bf16"
+    device = torch.device(ns.device)
+    precision = Precision.resolve(ns.precision, device)
     model, l0, lagrangian, optimizer = build(device)
     ids = torch.randint(
         0, SMOLLM2.vocab_size, (ns.batch, ns.seq), generator=torch.Generator().manual_seed(1)
     ).to(device)
-    steps = {m: make_step(m, model, l0, lagrangian, optimizer, ids, bf16) for m in (True, False)}
+    steps = {m: make_step(m, model, l0, lagrangian, optimizer, ids, precision) for m in (True, False)}
     if ns.memory_of is not None:  # the subprocess of one variant
         _release_free_memory()
         sampler = RssSampler()

@@ -15,6 +15,8 @@ from sheared.precision import Precision
 
 ROOT = Path(sheared.__file__).parent
 SOURCES = sorted(ROOT.rglob("*.py"))
+REPO = ROOT.parents[1]
+CALLERS = sorted([*(REPO / "bench").glob("*.py"), *(REPO / "tests").rglob("*.py")])  # no `bf16=` there
 PRECISION_MODULE = ROOT / "precision.py"
 SHAPE_MODULE = ROOT / "model" / "args.py"
 DTYPES = {"bfloat16", "float32", "float16", "half", "bfloat"}
@@ -63,6 +65,16 @@ def test_no_precision_choice_outside_the_precision_module():
         f"{path.relative_to(ROOT.parent)}:{line}"
         for path in SOURCES
         if path != PRECISION_MODULE
+        for line in precision_choices(ast.parse(path.read_text()))
+    ]
+    assert offenders == []
+
+
+def test_no_bf16_flag_is_passed_by_benchmarks_or_tests():
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}"
+        for path in CALLERS
+        if path != Path(__file__)
         for line in precision_choices(ast.parse(path.read_text()))
     ]
     assert offenders == []

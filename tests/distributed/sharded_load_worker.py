@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from sheared.precision import FP32
 from sheared.train.config import DistributedConfig
 from sheared.train.distributed import init_distributed, load_sharded, shutdown
 
@@ -17,7 +18,7 @@ from sheared.train.distributed import init_distributed, load_sharded, shutdown
 def main(source: str, out: str) -> None:
     env = init_distributed(DistributedConfig(strategy="fsdp"), "cpu")
     try:
-        model = load_sharded(source, env, activation_checkpointing=True, bf16=False).model
+        model = load_sharded(source, env, activation_checkpointing=True, precision=FP32).model
         local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
         full = {
             n.replace("_checkpoint_wrapped_module.", ""): p.full_tensor() for n, p in model.named_parameters()
