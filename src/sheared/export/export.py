@@ -26,8 +26,9 @@ from sheared.files import atomic_write_json, atomic_write_text, disk_problem, pu
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
 from sheared.model.args import SHAPE_FIELDS
 from sheared.precision import torch_dtype
-from sheared.pruning import L0Module, LagrangianConstraint
+from sheared.pruning import LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
+from sheared.pruning.controller import TargetController
 from sheared.pruning.params import expected_num_params
 from sheared.run_dir import (
     CONFIG_FILE,
@@ -246,12 +247,13 @@ def _trained_weights_and_masks(
         masks = Masks(**load_masks(run.run_dir)["masks"])
         return masks, read_final_state(run.run_dir), {}
     l0 = lagrangian = None
-    if isinstance(cfg, PruneConfig):
-        l0 = L0Module(model.args, cfg.pruning.target)
-        lagrangian = LagrangianConstraint(l0.specs)
+    if isinstance(cfg, PruneConfig):  # as the run built them, so that the checkpoint's keys match
+        l0 = TargetController.make_l0(cfg.pruning.controller, model.args, cfg.pruning.target)
+        lagrangian = LagrangianConstraint(l0.specs) if cfg.pruning.controller == "lagrangian" else None
     saved = load_module_weights(run.checkpoint, Trainable(model, l0, lagrangian))
     state = {k: saved[k] for k in ("step", "tokens", "reference_losses")}
     state["domain_weights"] = dict(zip(saved["domains"], saved["sampler"]["weights"]))
+    state["sampler"] = saved["sampler"]  # continued pretraining carries on the run's data stream
     if l0 is None:
         return None, state, {}
     with torch.no_grad():
@@ -297,6 +299,8 @@ def export_run(
         "step": trainer_state["step"],
         "tokens": trainer_state["tokens"],
     }
+    if "sampler" in trainer_state:
+        run_state["sampler"] = trainer_state["sampler"]
     ids = verification_ids(cfg, source.tokenizer, num_sequences)
     needed = sum(p.numel() for p in model.parameters()) * torch_dtype(dtype).itemsize
     try:

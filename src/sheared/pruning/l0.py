@@ -26,12 +26,16 @@ class L0Module(nn.Module):
     Args:
         source: the source model's shape.
         target: the exact target shape.
+        clamp_in_place: `clamp_` clamps the parameters themselves (the paper; the Lagrangian
+            controller). False (the projection controller): the parameters keep their order beyond
+            the bounds and only the values a forward pass reads are clamped.
     """
 
-    def __init__(self, source: ModelArgs, target: TargetShape):
+    def __init__(self, source: ModelArgs, target: TargetShape, clamp_in_place: bool = True):
         super().__init__()
         self.source = source
         self.target = target
+        self.clamp_in_place = clamp_in_place
         self.specs: dict[str, MaskSpec] = {spec.name: spec for spec in mask_specs(source, target)}
         self.log_alpha = nn.ParameterDict(
             {
@@ -56,21 +60,28 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Clamp log_alpha into [ln 0.01, ln 100]; called before every forward pass."""
+        """Clamp log_alpha into [ln 0.01, ln 100]; called before every forward pass (a no-op when the
+        clamp is not in place: `bounded` clamps what is read instead)."""
+        if not self.clamp_in_place:
+            return
         for p in self.log_alpha.values():
             p.clamp_(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
+
+    def bounded(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """`log_alpha` as a forward pass reads it: clamped into [ln 0.01, ln 100] (already so in place)."""
+        return log_alpha if self.clamp_in_place else log_alpha.clamp(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
 
     def sample(self, generator: torch.Generator | None = None) -> Masks:
         """One hard concrete sample of every mask (noise from `generator`, on the CPU)."""
         masks = {}
         for name, log_alpha in self.log_alpha.items():
             u = hc.uniform_noise(log_alpha.shape, generator).to(log_alpha.device)
-            masks[name] = hc.sample(log_alpha, u)
+            masks[name] = hc.sample(self.bounded(log_alpha), u)
         return Masks(**masks)
 
     def scores(self) -> dict[str, torch.Tensor]:
         """P(z != 0) of every structure, differentiable."""
-        return {name: hc.score(log_alpha) for name, log_alpha in self.log_alpha.items()}
+        return {name: hc.score(self.bounded(log_alpha)) for name, log_alpha in self.log_alpha.items()}
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """ŝ_m = 1 - sum(score) / row size, along the last dimension (shape: the mask's leading dims)."""
@@ -99,6 +110,6 @@ class L0Module(nn.Module):
             if mode == "target":
                 k = self.specs[name].target_kept
             else:
-                k = torch.round(hc.score(log_alpha).sum(-1)).long()
+                k = torch.round(hc.score(self.bounded(log_alpha)).sum(-1)).long()
             masks[name] = hc.top_k_binary(log_alpha, k).to(log_alpha.device)
         return Masks(**masks)

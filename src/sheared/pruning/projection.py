@@ -40,7 +40,9 @@ def row_shift(log_alpha: torch.Tensor, target_sparsity: float) -> torch.Tensor:
 
 @torch.no_grad()
 def project_(log_alpha: Mapping[str, torch.nn.Parameter], target_sparsity: Mapping[str, float]) -> None:
-    """Shift and clamp every mask type's `log_alpha` in place onto its (warmed-up) target sparsity."""
+    """Shift every mask type's `log_alpha` in place onto its (warmed-up) target sparsity.
+
+    Not clamped: the order beyond the bounds is kept (a forward pass reads the clamped values,
+    `L0Module.bounded`), so that a row lifted to the top early in the warm-up keeps its ranking."""
     for name, p in log_alpha.items():
-        shifted = p + row_shift(p, target_sparsity[name])[..., None]
-        p.copy_(shifted.clamp(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX))
+        p.add_(row_shift(p, target_sparsity[name])[..., None])

@@ -123,7 +123,16 @@ class PruningConfig:
     lambda_lr: float = 1.0
     """Learning rate of the Lagrange multipliers (gradient ascent)."""
     lagrangian_warmup_fraction: float = 0.2
-    """The target sparsity rises linearly from 0 over this fraction of the steps."""
+    """The target sparsity rises linearly from 0 over this fraction of the steps (both controllers)."""
+    controller: Literal["lagrangian", "projection"] = "projection"
+    """How the masks are held to the target: `lagrangian` (the paper: λ1·gap + λ2·gap² with the
+    multipliers trained by gradient ascent; lands exactly only on long runs) or `projection`
+    (after every step each mask row's log_alpha is shifted by one scalar so that its expected
+    sparsity equals the warmed-up target exactly: docs/method.md, "Landing on the target")."""
+    harden_fraction: float = 0.1
+    """The last this fraction of the pruning steps trains the model under the exact-target
+    deterministic masks (top-k log_alpha per row, binary; log_alpha frozen), so that the exported
+    model is the model the run trained. 0: masks are sampled to the end (the paper)."""
     search: Literal["loss", "rule"] = "loss"
     """Budget targets: `loss` measures the calibration loss of the first `search_candidates`
     rule-ranked shapes under their one-shot masks and uses the lowest (Minitron's search); `rule`
@@ -146,6 +155,8 @@ class PruningConfig:
             raise UserError(
                 f"pruning.lagrangian_warmup_fraction must be in [0, 1], got {self.lagrangian_warmup_fraction}"
             )
+        if not 0 <= self.harden_fraction < 1:
+            raise UserError(f"pruning.harden_fraction must be in [0, 1), got {self.harden_fraction}")
         if self.calibration < 1:
             raise UserError(
                 f"pruning.calibration must be at least 1 sequence per domain, got {self.calibration}"

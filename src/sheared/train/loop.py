@@ -41,7 +41,7 @@ from sheared.eval.loss import LossParts, fused_loss, next_token_labels
 from sheared.model import CausalLM, Masks, parameter_counts
 from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
-from sheared.pruning.constraint import warmed_up_target
+from sheared.pruning.controller import TargetController
 from sheared.train import checkpoint as ckpt
 from sheared.train.calibration import compute_scores, save_scores
 from sheared.train.checkpoint import Trainable
@@ -90,6 +90,8 @@ class RunState:
     accumulation_steps: int
     teacher: nn.Module | None = None
     """The frozen distillation teacher (not checkpointed), or None."""
+    controller: TargetController | None = None
+    """What holds the masks to the target (pruning runs)."""
     dead_run: DeadRunGuard | None = None
     reference: dict[str, float] = field(default_factory=dict)
     step: int = 0
@@ -136,6 +138,8 @@ def run(
         if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
             return run_oneshot(cfg, rf.RunDir(run_dir), resolved, resume, progress and env.is_main)
         state = set_up(cfg, rf.RunDir(run_dir), resolved, resume)
+        if env.is_main and progress:
+            print(f"data stream: {state.resolved.stream_start}", flush=True)
         return _train(state, progress and env.is_main)
     finally:
         shutdown(env)
@@ -188,14 +192,19 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved,
     model, model_path, precision = source.model, source.path, resolved.precision
     teacher = load_teacher(cfg, source.tokenizer, model_path, env, precision) if cfg.distill.enabled else None
     l0 = lagrangian = None
+    controller = None
     if pruning:
-        l0 = L0Module(model.args, resolved.target).to(env.device)
+        p = cfg.pruning
+        l0 = TargetController.make_l0(p.controller, model.args, resolved.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
-        if cfg.pruning.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
+        if p.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
             _initialise_masks(cfg, l0, model, data, resolved, files, inputs.scored)
-        lagrangian = LagrangianConstraint(l0.specs).to(env.device)
+        controller = TargetController(l0, p.controller, round(p.lagrangian_warmup_fraction * loop.steps))
+        controller.start()  # a resumed run's checkpoint replaces what it sets
+        lagrangian = controller.lagrangian
     previous = {} if pruning else rf.read_run_state(model_path)
-    sampler = initial_sampler(cfg, data, previous)
+    sampler, stream_start = initial_sampler(cfg, data, previous)
+    resolved = dataclasses.replace(resolved, stream_start=stream_start)
     trainable = Trainable(model, l0, lagrangian)
     if env.strategy != "fsdp":  # FSDP2 runs are sharded while loading
         trainable.model = wrap_model(model, env, cfg.distributed.activation_checkpointing, precision)
@@ -221,6 +230,7 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved,
         resolved=resolved,
         accumulation_steps=loop.accumulation_steps(env.world_size),
         teacher=teacher,
+        controller=controller,
         dead_run=DeadRunGuard(loop.dead_steps, math.log(model.args.vocab_size)),
     )
     _resume_or_start(state, resume, previous)
@@ -303,11 +313,13 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     )
     items = rank_slice(state.sampler.next_global_batch(loop.global_batch_size), env.rank, env.world_size)
     sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd of this rank, averaged over micro-batches
+    hard = l0 is not None and _hardening(state, step)
+    hard_masks = l0.deterministic("target") if hard else None  # binary, no gradient to log_alpha
     for m in range(accum):
         micro = items[m * loop.micro_batch_size : (m + 1) * loop.micro_batch_size]
         ids = _gather(state.data, micro).to(env.device)  # (micro_batch, seq_len)
-        masks = None
-        if l0 is not None:
+        masks = hard_masks
+        if l0 is not None and not hard:
             l0.clamp_()
             masks = l0.sample(mask_generator(loop.seed, step, env.rank * accum + m))
         with gradient_sync(state.trainable.model, env, sync=m == accum - 1):
@@ -316,10 +328,10 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         sums += (
             torch.tensor([parts.loss.item(), parts.ce.item(), parts.kd.item()], dtype=torch.float64) / accum
         )
-    lag_loss, lag_parts, target = _lagrangian_backward(state, step)
+    lag_loss, lag_parts, target = _lagrangian_backward(state, step, hard)
     clipped = [state.model]
     if cfg.optim.clip_masks_with_model and l0 is not None:
-        clipped += [l0, state.lagrangian]
+        clipped += [l0] + ([state.lagrangian] if state.lagrangian is not None else [])
     grad_norm = _clip(clipped, cfg.optim.grad_clip)
     lm_loss, ce_loss, kd_loss = all_reduce_sum((sums / env.world_size).tolist(), env)
     _stop_if_diverged(
@@ -327,6 +339,8 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     )
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.controller is not None and not hard:
+        state.controller.after_step(step)
     tokens_per_step = loop.global_batch_size * state.data.seq_len
     state.tokens += tokens_per_step
     state.step = step + 1
@@ -424,18 +438,26 @@ class DeadRunGuard:
             )
 
 
+def _hardening(state: RunState, step: int) -> bool:
+    """Whether the 0-based `step` trains under the exact-target masks (`pruning.harden_fraction`)."""
+    steps = state.cfg.train.steps
+    return step >= steps - round(state.cfg.pruning.harden_fraction * steps)
+
+
 def _lagrangian_backward(
-    state: RunState, step: int
+    state: RunState, step: int, hard: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """Backward of the Lagrangian term (pruning only): (its value, its parts, the warmed-up targets)."""
-    l0, lagrangian = state.l0, state.lagrangian
-    if l0 is None:
+    """Backward of the Lagrangian term (pruning with the Lagrangian controller, before hardening):
+    (its value, its parts, the warmed-up targets)."""
+    controller = state.controller
+    if controller is None:
         return torch.zeros(()), {}, {}
-    warmup_steps = round(state.cfg.pruning.lagrangian_warmup_fraction * state.cfg.train.steps)
-    target = warmed_up_target(l0.target_sparsity(), step, warmup_steps)
-    lag_loss, lag_parts = lagrangian(l0.expected_sparsity(), target)
+    target = controller.target(step)
+    if controller.lagrangian is None or hard:
+        return torch.zeros(()), {}, target
+    lag_loss, lag_parts = controller.constraint(step)
     lag_loss.backward()
-    average_gradients([*l0.parameters(), *lagrangian.parameters()], state.env)
+    average_gradients([*controller.l0.parameters(), *controller.lagrangian.parameters()], state.env)
     return lag_loss, lag_parts, target
 
 
@@ -449,9 +471,11 @@ def _mask_record(
     for name, s_hat in l0.expected_sparsity().items():
         record[rf.metric(rf.EXPECTED_SPARSITY, name)] = s_hat.mean().item()
         record[rf.metric(rf.TARGET_SPARSITY, name)] = target[name]
-        record[rf.metric(rf.LAMBDA1, name)] = lagrangian.lambda1[name].item()
-        record[rf.metric(rf.LAMBDA2, name)] = lagrangian.lambda2[name].item()
-        record[rf.metric(rf.LAG_LOSS, name)] = lag_parts[name].item()
+        if lagrangian is not None:
+            record[rf.metric(rf.LAMBDA1, name)] = lagrangian.lambda1[name].item()
+            record[rf.metric(rf.LAMBDA2, name)] = lagrangian.lambda2[name].item()
+        if name in lag_parts:
+            record[rf.metric(rf.LAG_LOSS, name)] = lag_parts[name].item()
     record["expected_params"] = l0.expected_num_params().item()
     return record
 
@@ -499,7 +523,9 @@ def _progress_line(state: RunState, record: dict[str, Any]) -> dict[str, str]:
 def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
     """Per-domain eval loss after the current step, then the DBL update of the domain weights."""
     data_cfg, domains = state.cfg.data, state.domains
-    eval_masks = state.l0.deterministic("expected") if state.l0 is not None else None
+    eval_masks = None
+    if state.l0 is not None:  # after hardening began: the exact-target masks it trains under
+        eval_masks = state.l0.deterministic("target" if _hardening(state, state.step - 1) else "expected")
     state.trainable.model.eval()
     measured = state.evaluate(eval_masks)
     state.trainable.model.train()

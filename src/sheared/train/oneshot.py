@@ -62,7 +62,7 @@ def run_oneshot(
         or evaluate(model, data, cfg, resolved).loss
     )
     losses = evaluate(model, data, cfg, resolved, masks).loss
-    weights = dict(zip(data.domains, initial_sampler(cfg, data, {}).weights))
+    weights = dict(zip(data.domains, initial_sampler(cfg, data, {})[0].weights))
     state = {
         "step": 0,
         "tokens": info["calibration_tokens"],

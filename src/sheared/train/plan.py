@@ -31,6 +31,7 @@ from sheared.run_dir import (
     METRICS_FILE,
     SCORES_FILE,
     TARGET_SEARCH_FILE,
+    read_run_state,
 )
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import pick_device
@@ -267,9 +268,20 @@ def _loop_lines(
         f"schedule: lr {cfg.optim.lr:g}, warm-up {round(cfg.optim.warmup_fraction * loop.steps)} steps, cosine to "
         f"{cfg.optim.min_lr_ratio:g}×"
         + (f"; Lagrangian warm-up {round(lag)} steps" if lag is not None else ""),
+        f"data stream: {_stream_start(cfg)}",
         f"dynamic batch loading: {'every ' + str(loop.eval_interval) + ' steps' if cfg.data.dynamic else 'off'}; "
         f"reference losses: {cfg.data.reference_losses if isinstance(cfg.data.reference_losses, str) else 'explicit'}",
     ]
+
+
+def _stream_start(cfg: PruneConfig | TrainConfig) -> str:
+    """Where the run's data stream starts (SPEC §11): a pruned model's export carries its stream."""
+    carried = read_run_state(cfg.source_spec).get("sampler") if isinstance(cfg, TrainConfig) else None
+    if carried is None:
+        return f"step 0 of a new stream (seed {cfg.train.seed})"
+    if carried["seed"] != cfg.train.seed:
+        return f"step 0 of a new stream: the pruning run's seed is {carried['seed']}, this run's {cfg.train.seed}"
+    return f"the pruning run's stream at its step {carried['step']} (no sequence it read is read again)"
 
 
 def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> str:

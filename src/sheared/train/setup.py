@@ -354,14 +354,38 @@ def _recorded_shape(files: RunDir, cfg: PruneConfig) -> TargetShape | None:
 
 def initial_sampler(
     cfg: PruneConfig | TrainConfig, data: PreparedData, previous: dict[str, Any]
-) -> DomainMixtureSampler:
-    """The domain sampler with its initial weights: given, carried from pruning, or by size."""
+) -> tuple[DomainMixtureSampler, str]:
+    """The domain sampler a run starts with, and where its stream starts (a line for the plan).
+
+    Continued pretraining of a pruned model (`previous`: the state its export kept) carries on the
+    pruning run's stream — its step, each domain's epoch and position, its final weights — so that no
+    sequence is read twice before its domain runs out (SPEC §11). A stream of another seed or other
+    data cannot be continued; it starts at step 0 and the line says why. Initial weights: given,
+    carried from pruning, or by size.
+    """
     domains = data.domains
+    sizes = [data.num_sequences(d, "train") for d in domains]
     if cfg.data.initial_weights is not None:
         weights = weights_by_domain(cfg.data.initial_weights, domains, "data.initial_weights")
     elif previous.get("domain_weights") and set(previous["domain_weights"]) == set(domains):
         weights = weights_by_domain(previous["domain_weights"], domains, "the pruning run's final weights")
     else:
         weights = weights_proportional_to([data.num_tokens(d, "train") for d in domains])
-    sizes = [data.num_sequences(d, "train") for d in domains]
-    return DomainMixtureSampler(domains, sizes, weights, cfg.train.seed)
+    sampler = DomainMixtureSampler(domains, sizes, weights, cfg.train.seed)
+    carried = previous.get("sampler")
+    if carried is None:
+        return sampler, f"step 0 of a new stream (seed {cfg.train.seed})"
+    mine = sampler.state_dict()
+    differs = [k for k in ("domains", "num_sequences", "seed") if carried.get(k) != mine[k]]
+    if differs:
+        return sampler, (
+            f"step 0 of a new stream: the pruning run's stream has another {' and '.join(differs)} "
+            f"(its {differs[0]} {carried.get(differs[0])}, this run's {mine[differs[0]]}), so it cannot be continued"
+        )
+    sampler.load_state_dict(carried)
+    sampler.set_weights(weights)
+    read = sum(p + e * n for p, e, n in zip(carried["position"], carried["epoch"], sizes))
+    return sampler, (
+        f"the pruning run's stream at its step {carried['step']} ({read:,} sequences already read; "
+        "none is read again before its domain runs out)"
+    )
