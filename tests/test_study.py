@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from sheared.config import load_config
+import pytest
+
+from sheared.config import load_config, read_yaml
 from sheared.study import ARMS, StudyConfig, plan_arm, prune_config, run_study, train_config
 from sheared.train.config import PruneConfig, TrainConfig
 
@@ -23,7 +25,7 @@ def test_plans_spend_the_budget(tiny_assets):
         tokens = arm.calibration_tokens + (arm.prune_steps + arm.train_steps) * batch * seq
         assert 20000 - batch * seq * 2 < tokens <= 20000, name  # within two steps of the budget
     l0 = plan_arm("l0-uniform", cfg, seq, 2, None)
-    assert l0.prune_steps == round(20000 * cfg.prune_fraction) // (batch * seq)
+    assert l0.prune_steps == round(20000 * cfg.prune_fraction[0]) // (batch * seq)
     assert plan_arm("activation", cfg, seq, 2, None).calibration_tokens == 8 * 2 * 64
     distill = plan_arm("best+distill", cfg, seq, 2, "magnitude")
     assert train_config(distill, cfg, "model").distill.teacher == "source"
@@ -42,7 +44,7 @@ def test_typed_configs_equal_the_dotted_overrides(tiny_assets):
         "data.auto_prepare=null",
         f"train.global_batch_size={cfg.global_batch_size}",
         f"train.micro_batch_size={cfg.global_batch_size}",
-        f"train.seed={cfg.seed}",
+        f"train.seed={cfg.seeds[0]}",
     ]
     l0 = plan_arm("l0-uniform", cfg, 64, 2, None)
     prune_eval = -(-l0.prune_steps // cfg.evaluations)
@@ -72,7 +74,7 @@ def test_typed_configs_equal_the_dotted_overrides(tiny_assets):
             f"train.steps={steps}",
             f"train.eval_interval={-(-steps // cfg.evaluations)}",
             f"train.save_interval={steps}",
-            f"optim.lr={cfg.scratch_lr}",
+            f"optim.lr={cfg.scratch_lr[0]}",
         ],
     )
     assert train_config(scratch, cfg, "m") == expected
@@ -83,7 +85,9 @@ def test_study_runs_every_arm_and_skips_finished_ones(tiny_assets, tmp_path, cap
     summary = run_study(cfg, tmp_path / "study")
     assert list(summary["arms"]) == ["scratch", "activation", "l0-uniform", "best+distill"]
     for name, r in summary["arms"].items():
-        report = json.loads((tmp_path / "study" / name / "final" / "export_report.json").read_text())
+        report = json.loads(
+            (tmp_path / "study" / name / "seed-0" / "final" / "export_report.json").read_text()
+        )
         assert report["verified"]
         assert (
             report["exported_shape"]["num_hidden_layers"] == 3
@@ -91,10 +95,51 @@ def test_study_runs_every_arm_and_skips_finished_ones(tiny_assets, tmp_path, cap
         )
         assert r["tokens"] <= cfg.budget_tokens and r["curve"], name
     assert summary["arms"]["best+distill"]["base"] in ("activation", "l0-uniform")
-    assert (tmp_path / "study" / "results.md").read_text().count(
-        "\n| "
-    ) == 5 + 1  # header row + source + 4 arms
+    # header row + source + 4 arms, then the paired table: header + the 3 arms other than activation
+    assert (tmp_path / "study" / "results.md").read_text().count("\n| ") == (1 + 1 + 4) + (1 + 3)
     assert (tmp_path / "study" / "loss_vs_tokens.png").is_file()
     capsys.readouterr()
     run_study(cfg, tmp_path / "study")
     assert capsys.readouterr().out.count("done before") == 4
+
+
+def test_seeds_sweeps_and_paired_differences(tiny_assets, tmp_path):
+    """Seeds, a prune-fraction sweep, the l0-oneshot arm and the scratch learning-rate sweep on the tiny
+    config: every (arm, seed) runs once, choices read the validation split, results pair the seeds."""
+    cfg = _config(
+        tiny_assets,
+        "arms=[scratch,activation,l0-oneshot]",
+        "seeds=[0,1]",
+        "prune_fraction=[0.25,0.5]",
+        "scratch_lr=[1e-3,3e-3]",
+        "scratch_sweep_fraction=0.5",
+        "evaluations=1",
+    )
+    summary = run_study(cfg, tmp_path / "study")
+    assert list(summary["arms"]) == ["scratch", "activation", "l0-oneshot@0.25", "l0-oneshot@0.5"]
+    assert summary["val_split"] == "val"
+    sweep = summary["scratch_lr_sweep"]
+    assert set(sweep["val_loss"]) == {"0.001", "0.003"}
+    assert sweep["chosen"] == float(min(sweep["val_loss"], key=sweep["val_loss"].get))
+    for name, r in summary["arms"].items():
+        assert set(r["seeds"]) == {"0", "1"}, name
+        means = [r["seeds"][s]["mean_eval_loss"] for s in ("0", "1")]
+        assert r["mean_eval_loss"] == pytest.approx(sum(means) / 2)
+        assert r["sd_eval_loss"] == pytest.approx(abs(means[0] - means[1]) / 2**0.5)
+        assert r["seeds"]["0"]["val_split"] == "val" and r["mean_val_loss"] > 0
+    scratch = summary["arms"]["scratch"]["seeds"]["0"]
+    trained = read_yaml(tmp_path / "study" / "scratch" / "seed-0" / "train" / "config.yaml")
+    assert trained["optim"]["lr"] == sweep["chosen"]  # the scratch arm trains at the swept rate
+    l0 = summary["arms"]["l0-oneshot@0.25"]["seeds"]["1"]
+    assert l0["prune_steps"] < summary["arms"]["l0-oneshot@0.5"]["seeds"]["1"]["prune_steps"]
+    paired = summary["paired"]
+    assert paired["reference"] == "activation"
+    act = summary["arms"]["activation"]["seeds"]
+    diffs = [
+        summary["arms"]["scratch"]["seeds"][s]["mean_eval_loss"] - act[s]["mean_eval_loss"]
+        for s in ("0", "1")
+    ]
+    assert paired["differences"]["scratch"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["differences"]["scratch"]["seeds"] == 2
+    assert scratch["train_steps"] > 0
+    assert "Paired differences" in (tmp_path / "study" / "results.md").read_text()

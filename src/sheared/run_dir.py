@@ -71,7 +71,8 @@ HASH_BLOCK_BYTES = 1 << 24
 # Metric keys of metrics.jsonl. Scalars: step, tokens, loss (LM + Lagrangian), lm_loss (the data
 # loss: CE, or (1 - α)·CE + α·τ²·KD when distilling), ce_loss and kd_loss (distilling), lag_loss, lr,
 # grad_norm, tokens_per_s, expected_params. Per domain or per mask type, `PREFIX + name`:
-EVAL_LOSS = "eval_loss/"
+EVAL_LOSS = "eval_loss/"  # the held-out split: what results report
+VAL_LOSS = "val_loss/"  # the validation split dynamic batch loading reweights on (when prepared)
 REFERENCE_LOSS = "reference_loss/"
 EVAL_KL = "eval_kl/"  # KL(teacher ‖ model) per domain, at temperature 1, when distilling
 DOMAIN_WEIGHT = "domain_weight/"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,12 +60,14 @@ ARMS = (
     "activation",
     "l0-uniform",
     "l0-activation",
+    "l0-oneshot",
     "best+distill",
     "best-fixed-mix",
 )
-PRUNED_ARMS = ("random", "magnitude", "activation", "l0-uniform", "l0-activation")
+PRUNED_ARMS = ("random", "magnitude", "activation", "l0-uniform", "l0-activation", "l0-oneshot")
 ONE_SHOT = {"random": "random", "magnitude": "magnitude", "activation": "activation"}
-L0_INIT = {"l0-uniform": "uniform", "l0-activation": "activation"}
+L0_INIT = {"l0-uniform": "uniform", "l0-activation": "activation", "l0-oneshot": "oneshot"}
+CALIBRATED = ("activation", "l0-activation", "l0-oneshot")  # arms whose calibration counts against the budget
 
 
 @dataclass
@@ -85,12 +88,17 @@ class StudyConfig:
     """Template of the continued-pretraining runs (model, data and steps are set per arm)."""
     global_batch_size: int = 4
     """Sequences per step of every run."""
-    prune_fraction: float = 0.5
-    """Share of the budget the l0 arms spend learning masks (the rest is continued pretraining)."""
+    prune_fraction: float | list[float] = field(default_factory=lambda: [0.5])
+    """Share of the budget the l0 arms spend learning masks (the rest is continued pretraining); a
+    list sweeps it: every l0 arm runs once per value, named `ARM@FRACTION`."""
     evaluations: int = 5
     """Held-out evaluations along each training run (and at its end)."""
-    scratch_lr: float = 1e-3
-    """Peak learning rate of the from-scratch arm (the pruned arms keep the train config's)."""
+    scratch_lr: float | list[float] = field(default_factory=lambda: [1e-3])
+    """Peak learning rate of the from-scratch arm (the pruned arms keep the train config's); several
+    values are swept first on `scratch_sweep_fraction` of the budget (first seed), and the one with the
+    lowest mean validation loss is used."""
+    scratch_sweep_fraction: float = 0.25
+    """Share of the budget each run of the scratch learning-rate sweep trains."""
     distill_alpha: float = 0.5
     """α of the distillation arm."""
     distill_temperature: float = 1.0
@@ -101,17 +109,29 @@ class StudyConfig:
     """lm-eval tasks to run on every final model (local task YAMLs in `include_path`)."""
     include_path: str | None = None
     """Folder of local lm-eval task YAMLs."""
-    seed: int = 0
-    """Seed of every run and of the random init."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds: every arm runs once per seed (data order, mask noise, random init); results give the
+    mean and sample standard deviation per arm and paired differences between arms (SPEC §11)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prune_fraction, list):
+            self.prune_fraction = [self.prune_fraction]
+        if not isinstance(self.scratch_lr, list):
+            self.scratch_lr = [self.scratch_lr]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be a non-empty list of different seeds, got {self.seeds}")
+        if not self.scratch_lr or any(lr <= 0 for lr in self.scratch_lr):
+            raise UserError(f"scratch_lr must be positive learning rates, got {self.scratch_lr}")
+        if not 0 < self.scratch_sweep_fraction <= 1:
+            raise UserError(f"scratch_sweep_fraction must be in (0, 1], got {self.scratch_sweep_fraction}")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise UserError(f"unknown study arm {unknown[0]!r}; valid arms: {', '.join(ARMS)}")
         if self.budget_tokens < 1 or self.global_batch_size < 1 or self.evaluations < 1:
             raise UserError("budget_tokens, global_batch_size and evaluations must be positive")
-        if not 0 < self.prune_fraction < 1:
-            raise UserError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        bad = [f for f in self.prune_fraction if not 0 < f < 1]
+        if bad or not self.prune_fraction:
+            raise UserError(f"prune_fraction must be in (0, 1), got {bad[0] if bad else self.prune_fraction}")
 
 
 @dataclass
@@ -134,35 +154,65 @@ class Arm:
     """Dynamic batch loading (False: the fixed initial mix)."""
     lr: float | None = None
     """Peak learning rate of the continued-pretraining run (None: the train config's)."""
+    seed: int = 0
+    """Seed of the arm's runs (data order, mask noise) and of the scratch arm's random init."""
 
 
 def _steps(tokens: int, cfg: StudyConfig, seq_len: int) -> int:
     return max(1, tokens // (cfg.global_batch_size * seq_len))
 
 
-def plan_arm(name: str, cfg: StudyConfig, seq_len: int, num_domains: int, best: str | None) -> Arm:
-    """The runs of one arm within the budget (`best`: the best pruned arm, for the two last arms)."""
+def arm_labels(cfg: StudyConfig) -> list[str]:
+    """The arms as run, in order: an l0 arm once per prune fraction (`ARM@FRACTION`) when several
+    are swept."""
+    labels = []
+    for name in cfg.arms:
+        if name in L0_INIT and len(cfg.prune_fraction) > 1:
+            labels += [f"{name}@{f:g}" for f in cfg.prune_fraction]
+        else:
+            labels.append(name)
+    return labels
+
+
+def _parse_label(label: str, cfg: StudyConfig) -> tuple[str, float]:
+    """(arm name, prune fraction) of an arm label."""
+    name, _, fraction = label.partition("@")
+    return name, float(fraction) if fraction else cfg.prune_fraction[0]
+
+
+def plan_arm(
+    label: str,
+    cfg: StudyConfig,
+    seq_len: int,
+    num_domains: int,
+    best: str | None,
+    *,
+    seed: int | None = None,
+    scratch_lr: float | None = None,
+) -> Arm:
+    """The runs of one arm within the budget (`best`: the label of the best pruned arm, for the two
+    last arms; `scratch_lr`: the swept learning rate of the scratch arm)."""
+    name, fraction = _parse_label(label, cfg)
     base = name
-    variant: dict[str, Any] = {}
+    variant: dict[str, Any] = {"seed": cfg.seeds[0] if seed is None else seed}
     if name in ("best+distill", "best-fixed-mix"):
         if best is None:
             raise UserError(f"arm {name} needs at least one pruned arm to have finished first")
-        base = best
-        variant = {"distill": True} if name == "best+distill" else {"dynamic": False}
-    calibration = (
-        calibration_tokens(cfg, num_domains, seq_len) if base in ("activation", "l0-activation") else 0
-    )
+        base, fraction = _parse_label(best, cfg)
+        variant |= {"distill": True} if name == "best+distill" else {"dynamic": False}
+    calibration = calibration_tokens(cfg, num_domains, seq_len) if base in CALIBRATED else 0
     budget = cfg.budget_tokens - calibration
     if base == "scratch":
-        return Arm(name, None, _steps(budget, cfg, seq_len), lr=cfg.scratch_lr, **variant)
+        lr = cfg.scratch_lr[0] if scratch_lr is None else scratch_lr
+        return Arm(label, None, _steps(budget, cfg, seq_len), lr=lr, **variant)
     if base in ONE_SHOT:
         return Arm(
-            name, ONE_SHOT[base], _steps(budget, cfg, seq_len), calibration_tokens=calibration, **variant
+            label, ONE_SHOT[base], _steps(budget, cfg, seq_len), calibration_tokens=calibration, **variant
         )
-    prune_steps = _steps(round(budget * cfg.prune_fraction), cfg, seq_len)
+    prune_steps = _steps(round(budget * fraction), cfg, seq_len)
     train_steps = _steps(budget - prune_steps * cfg.global_batch_size * seq_len, cfg, seq_len)
     return Arm(
-        name,
+        label,
         "l0",
         train_steps,
         init=L0_INIT[base],
@@ -186,7 +236,7 @@ def _common(cfg: StudyConfig, run_cfg: RunConfig, arm: Arm) -> RunConfig:
         run_cfg,
         global_batch_size=cfg.global_batch_size,
         micro_batch_size=cfg.global_batch_size,
-        seed=cfg.seed,
+        seed=arm.seed,
     )
     if arm.distill:
         run_cfg = with_distill(run_cfg, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
@@ -218,7 +268,7 @@ def train_config(arm: Arm, cfg: StudyConfig, start: Path) -> TrainConfig:
 # --- running one arm ---------------------------------------------------------------------------------
 
 
-def _random_target_model(cfg: StudyConfig, out: Path) -> Path:
+def _random_target_model(cfg: StudyConfig, out: Path, seed: int) -> Path:
     """A random-init model of the target shape (the source's family and tokenizer) for the scratch arm."""
     from sheared.model import CausalLM, save_hf
 
@@ -227,7 +277,7 @@ def _random_target_model(cfg: StudyConfig, out: Path) -> Path:
     source = load_source(cfg.source)
     args = cfg.target.model_args(source.args)
     model = CausalLM(args)
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    model.init_weights(torch.Generator().manual_seed(seed))
     with publish_dir(out) as tmp:
         save_hf(model, tmp, tokenizer=source.tokenizer, base_config=source.hf_config)
     return out
@@ -239,7 +289,7 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if arm.method is None:
-        start = _random_target_model(cfg, out / "random-init")
+        start = _random_target_model(cfg, out / "random-init", arm.seed)
     else:
         start = prune_and_export(prune_config(arm, cfg), out / "prune", out / "pruned")
     prune_seconds = time.perf_counter() - t0
@@ -248,6 +298,12 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path) -> dict[str, Any]:
     final = continue_and_export(train_cfg, out / "train", out / "final")
     train_seconds = time.perf_counter() - t1
     losses = {d: v["loss"] for d, v in per_domain(str(final), cfg.data, 8, None).items()}
+    decision = _decision_split(cfg)  # what choices read (best arm, scratch lr): never the reported split
+    validation = (
+        losses
+        if decision == "eval"
+        else {d: v["loss"] for d, v in per_domain(str(final), cfg.data, 8, None, decision).items()}
+    )
     tokens = arm.calibration_tokens + (
         arm.prune_steps + train_cfg.train.steps
     ) * cfg.global_batch_size * _seq_len(cfg)
@@ -260,6 +316,8 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path) -> dict[str, Any]:
         "seconds": {"prune": prune_seconds, "train": train_seconds, "total": time.perf_counter() - t0},
         "eval_loss": losses,
         "mean_eval_loss": sum(losses.values()) / len(losses),
+        "val_split": decision,
+        "mean_val_loss": sum(validation.values()) / len(validation),
         "curve": _curve(out, arm),
         "export": str(final),
     }
@@ -297,7 +355,12 @@ def _curve(out: Path, arm: Arm) -> list[dict[str, Any]]:
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run (or finish) every arm, then write results.json, results.md and the figures."""
+    """Run (or finish) every arm for every seed, then write results.json, results.md and the figures.
+
+    Each arm and seed runs under `OUT/<arm>/seed-<seed>/` and keeps its `result.json` there; a re-run
+    skips what finished. Choices (the scratch arm's learning rate, the best pruned arm) read the
+    validation split, never the held-out split that results report.
+    """
     from sheared.data.tokens import PreparedData
 
     out = Path(out_dir)
@@ -306,26 +369,33 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
     data = PreparedData.open(cfg.data, verify="size")
     seq_len, domains = data.seq_len, data.domains
     reference = _source_losses(cfg, out)
+    sweep = _scratch_sweep(cfg, out, seq_len, len(domains)) if "scratch" in cfg.arms else None
     results: dict[str, Any] = {}
-    for name in cfg.arms:
-        done = out / name / "result.json"
-        if done.is_file():
-            results[name] = json.loads(done.read_text())
-            print(f"== {name}: done before (mean held-out loss {results[name]['mean_eval_loss']:.3f})")
-            continue
-        pruned = {n: r for n, r in results.items() if n in PRUNED_ARMS}
-        best = min(pruned, key=lambda n: pruned[n]["mean_eval_loss"]) if pruned else None
-        arm = plan_arm(name, cfg, seq_len, len(domains), best)
-        print(
-            f"\n== {name}" + (f" (the best pruned arm: {best})" if name.startswith("best") else ""),
-            flush=True,
-        )
-        result = run_arm(arm, cfg, out / name)
-        if name.startswith("best"):
-            result["base"] = best
-        result["worst_excess"] = max(result["eval_loss"][d] - reference[d] for d in domains)
-        atomic_write_json(done, result)
-        results[name] = result
+    for label in arm_labels(cfg):
+        best = _best_pruned(results) if label.startswith("best") else None
+        per_seed = {}
+        for seed in cfg.seeds:
+            arm_dir = out / label / f"seed-{seed}"
+            done = arm_dir / "result.json"
+            if done.is_file():
+                per_seed[seed] = json.loads(done.read_text())
+                print(
+                    f"== {label}, seed {seed}: done before (mean held-out loss {per_seed[seed]['mean_eval_loss']:.3f})"
+                )
+                continue
+            scratch_lr = sweep["chosen"] if sweep is not None else None
+            arm = plan_arm(label, cfg, seq_len, len(domains), best, seed=seed, scratch_lr=scratch_lr)
+            print(
+                f"\n== {label}, seed {seed}" + (f" (the best pruned arm: {best})" if best else ""), flush=True
+            )
+            result = run_arm(arm, cfg, arm_dir)
+            result["seed"] = seed
+            if best is not None:
+                result["base"] = best
+            result["worst_excess"] = max(result["eval_loss"][d] - reference[d] for d in domains)
+            atomic_write_json(done, result)
+            per_seed[seed] = result
+        results[label] = aggregate_seeds(per_seed, out / label)
     summary = {
         "machine": machine_summary(),
         "python": platform.python_version(),
@@ -333,14 +403,96 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
         "source": cfg.source,
         "target": describe(cfg.target),
         "budget_tokens": cfg.budget_tokens,
+        "seeds": cfg.seeds,
+        "val_split": _decision_split(cfg),
         "source_eval_loss": reference,
+        "scratch_lr_sweep": sweep,
         "arms": results,
+        "paired": paired_differences(results, cfg.seeds),
     }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", results_markdown(summary))
     study_figures(summary, out)
     print("\n" + results_markdown(summary))
     return summary
+
+
+def _decision_split(cfg: StudyConfig) -> str:
+    from sheared.data.tokens import PreparedData
+
+    return PreparedData.open(cfg.data, verify="size").decision_split
+
+
+def _best_pruned(results: dict[str, Any]) -> str | None:
+    """The pruned arm with the lowest mean validation loss over its seeds (never the held-out loss)."""
+    pruned = {n: r for n, r in results.items() if n.partition("@")[0] in PRUNED_ARMS}
+    return min(pruned, key=lambda n: pruned[n]["mean_val_loss"]) if pruned else None
+
+
+def _scratch_sweep(cfg: StudyConfig, out: Path, seq_len: int, num_domains: int) -> dict[str, Any]:
+    """The scratch arm's learning rate: each of `scratch_lr` trained on `scratch_sweep_fraction` of the
+    budget (first seed); the lowest mean validation loss wins. One value: no sweep."""
+    if len(cfg.scratch_lr) == 1:
+        return {"chosen": cfg.scratch_lr[0], "val_loss": {}}
+    path = out / "scratch-sweep" / "sweep.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    short = dataclasses.replace(
+        cfg, budget_tokens=max(1, round(cfg.budget_tokens * cfg.scratch_sweep_fraction))
+    )
+    losses = {}
+    for lr in cfg.scratch_lr:
+        print(f"\n== scratch learning-rate sweep: lr {lr:g} on {short.budget_tokens:,} tokens", flush=True)
+        arm = plan_arm("scratch", short, seq_len, num_domains, None, scratch_lr=lr)
+        losses[f"{lr:g}"] = run_arm(arm, short, out / "scratch-sweep" / f"lr-{lr:g}")["mean_val_loss"]
+    chosen = float(min(losses, key=losses.get))
+    sweep = {"chosen": chosen, "val_loss": losses, "tokens": short.budget_tokens, "seed": cfg.seeds[0]}
+    atomic_write_json(path, sweep)
+    return sweep
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, Any]], arm_dir: Path) -> dict[str, Any]:
+    """One arm over its seeds: mean and sample sd of the mean held-out loss, per-domain means, the mean
+    validation loss, and the first seed's curve and run folder (for the figures)."""
+    runs = list(per_seed.values())
+    first = runs[0]
+    mean, sd = _mean_sd([r["mean_eval_loss"] for r in runs])
+    domains = list(first["eval_loss"])
+    return {
+        "seeds": {str(s): r for s, r in per_seed.items()},
+        "mean_eval_loss": mean,
+        "sd_eval_loss": sd,
+        "eval_loss": {d: statistics.fmean(r["eval_loss"][d] for r in runs) for d in domains},
+        "mean_val_loss": statistics.fmean(r["mean_val_loss"] for r in runs),
+        "worst_excess": statistics.fmean(r["worst_excess"] for r in runs),
+        "tokens": first["tokens"],
+        "seconds": {"total": statistics.fmean(r["seconds"]["total"] for r in runs)},
+        "curve": first["curve"],
+        "train_dir": str(arm_dir / f"seed-{first['seed']}" / "train"),
+        **({"base": first["base"]} if "base" in first else {}),
+    }
+
+
+def paired_differences(results: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Every arm minus the reference arm (`activation` when it ran, else the first), seed by seed:
+    the mean and sample sd of the per-seed differences of the mean held-out loss (SPEC §11)."""
+    if not results:
+        return {}
+    ref = "activation" if "activation" in results else next(iter(results))
+    paired = {"reference": ref, "differences": {}}
+    for name, r in results.items():
+        common = [str(s) for s in seeds if str(s) in r["seeds"] and str(s) in results[ref]["seeds"]]
+        if name == ref or not common:
+            continue
+        diffs = [r["seeds"][s]["mean_eval_loss"] - results[ref]["seeds"][s]["mean_eval_loss"] for s in common]
+        mean, sd = _mean_sd(diffs)
+        paired["differences"][name] = {"mean": mean, "sd": sd, "seeds": len(diffs)}
+    return paired
 
 
 def _source_losses(cfg: StudyConfig, out: Path) -> dict[str, float]:
@@ -355,25 +507,54 @@ def _source_losses(cfg: StudyConfig, out: Path) -> dict[str, float]:
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    """The study's table: per arm, tokens, wall time, per-domain and mean held-out loss, worst excess."""
+    """The study's tables: per arm, tokens, wall time, per-domain held-out loss (mean over seeds), mean ±
+    sd over seeds, mean validation loss, worst excess; then the paired differences to the reference."""
     source = summary["source_eval_loss"]
     domains = list(source)
-    head = "| arm | tokens | minutes | tokens/s | " + " | ".join(domains) + " | mean | worst excess |"
+    seeds = summary.get("seeds", [0])
+    head = (
+        "| arm | tokens | minutes | tokens/s | "
+        + " | ".join(domains)
+        + f" | mean ± sd ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}) | val | worst excess |"
+    )
     lines = [
-        f"Source `{summary['source']}` → {summary['target']}; budget {summary['budget_tokens']:,} tokens per arm.",
+        f"Source `{summary['source']}` → {summary['target']}; budget {summary['budget_tokens']:,} tokens per arm; "
+        f"seeds {', '.join(map(str, seeds))}. Held-out split reported; choices read the "
+        f"`{summary.get('val_split', 'eval')}` split.",
         "",
         head,
-        "|" + "---|" * (len(domains) + 6),
+        "|" + "---|" * (len(domains) + 7),
         "| source (unpruned) | – | – | – | "
         + " | ".join(f"{source[d]:.3f}" for d in domains)
-        + f" | {sum(source.values()) / len(source):.3f} | – |",
+        + f" | {sum(source.values()) / len(source):.3f} | – | – |",
     ]
     for name, r in summary["arms"].items():
         seconds = r["seconds"]["total"]
         label = f"{name} ({r['base']})" if "base" in r else name
+        sd = "" if r.get("sd_eval_loss") is None else f" ± {r['sd_eval_loss']:.3f}"
         lines.append(
             f"| {label} | {r['tokens']:,} | {seconds / 60:.1f} | {r['tokens'] / seconds:.0f} | "
             + " | ".join(f"{r['eval_loss'][d]:.3f}" for d in domains)
-            + f" | {r['mean_eval_loss']:.3f} | {r['worst_excess']:+.3f} |"
+            + f" | {r['mean_eval_loss']:.3f}{sd} | {r.get('mean_val_loss', float('nan')):.3f} | {r['worst_excess']:+.3f} |"
         )
+    paired = summary.get("paired") or {}
+    if paired.get("differences"):
+        lines += [
+            "",
+            f"Paired differences of the mean held-out loss, arm − `{paired['reference']}`, seed by seed "
+            "(negative: the arm is better):",
+            "",
+            "| arm | mean difference | sd | seeds |",
+            "|---|---|---|---|",
+        ]
+        for name, d in paired["differences"].items():
+            sd = "–" if d["sd"] is None else f"{d['sd']:.3f}"
+            lines.append(f"| {name} | {d['mean']:+.3f} | {sd} | {d['seeds']} |")
+    sweep = summary.get("scratch_lr_sweep") or {}
+    if sweep.get("val_loss"):
+        tried = ", ".join(f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items())
+        lines += [
+            "",
+            f"Scratch learning rate {sweep['chosen']:g}, chosen by validation loss on {sweep['tokens']:,} tokens ({tried}).",
+        ]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ The output is the same for 1 and N workers (chunks are tokenized in order).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -51,6 +52,7 @@ from sheared.data.tokens import (
     METADATA_FILE,
     SPLITS,
     TOKENIZER_DIR,
+    VAL_SPLIT,
     TokenFileWriter,
     dtype_name,
     read_metadata,
@@ -107,7 +109,11 @@ class PrepareConfig:
     seq_len: int = 1024
     """Tokens per packed sequence."""
     eval_sequences: int = 64
-    """Held-out sequences per domain (whole documents are held out, never parts shared with train)."""
+    """Held-out sequences per domain (whole documents are held out, never parts shared with train).
+    Results report this split; no decision of a run reads it."""
+    val_sequences: int | None = None
+    """Validation sequences per domain, also of whole documents of their own: the split dynamic batch
+    loading reweights on (None: as many as `eval_sequences`; 0: none, DBL then reads the eval split)."""
     max_train_sequences: int | None = None
     """Cap on train sequences per domain; None packs every document."""
     min_chars: int = 0
@@ -130,7 +136,16 @@ class PrepareConfig:
         for name in self.domains:
             if not DOMAIN_NAME.fullmatch(name):
                 raise UserError(f"domain name {name!r} may only use letters, digits, '_', '.' and '-'")
-        minimums = {"seq_len": 2, "eval_sequences": 1, "num_workers": 1, "min_chars": 0, "seed": 0}
+        if self.val_sequences is None:
+            self.val_sequences = self.eval_sequences
+        minimums = {
+            "seq_len": 2,
+            "eval_sequences": 1,
+            "val_sequences": 0,
+            "num_workers": 1,
+            "min_chars": 0,
+            "seed": 0,
+        }
         for key, minimum in minimums.items():
             if getattr(self, key) < minimum:
                 raise UserError(f"{key} must be at least {minimum}, got {getattr(self, key)}")
@@ -250,6 +265,7 @@ def _domain_options(cfg: PrepareConfig, spec: DomainInput) -> dict[str, Any]:
         "text_field": spec.text_field,
         "min_chars": cfg.min_chars,
         "eval_sequences": cfg.eval_sequences,
+        "val_sequences": cfg.val_sequences,
         "max_train_sequences": cfg.max_train_sequences,
     }
 
@@ -257,46 +273,51 @@ def _domain_options(cfg: PrepareConfig, spec: DomainInput) -> dict[str, Any]:
 def _prepare_domain(
     name: str, cfg: PrepareConfig, out: Path, dtype: np.dtype, encoder: Encoder, progress: bool
 ) -> dict[str, Any]:
-    """Tokenize, split and pack one domain into its two token files; returns its metadata entry."""
+    """Tokenize, split and pack one domain into its token files (train, eval and val); returns its
+    metadata entry."""
     spec = cfg.domains[name]
     texts = _shuffled(_read_domain(name, spec, cfg.min_chars), cfg.seed, name)
-    eval_tokens = cfg.eval_sequences * cfg.seq_len
-    paths = {split: out / token_file_name(name, split) for split in SPLITS}
+    held_out = {"eval": cfg.eval_sequences, VAL_SPLIT: cfg.val_sequences}
+    splits = [*SPLITS, VAL_SPLIT] if cfg.val_sequences else list(SPLITS)
+    paths = {split: out / token_file_name(name, split) for split in splits}
     started = time.perf_counter()
-    with (
-        TokenFileWriter(paths["eval"], dtype) as eval_writer,
-        TokenFileWriter(paths["train"], dtype) as train_writer,
-        tqdm(total=len(texts), desc=name, unit="doc", disable=not progress) as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        writers = {split: stack.enter_context(TokenFileWriter(paths[split], dtype)) for split in splits}
+        bar = stack.enter_context(tqdm(total=len(texts), desc=name, unit="doc", disable=not progress))
         packers = {
-            "eval": _Packer(eval_writer, cfg.seq_len, cfg.eval_sequences),
-            "train": _Packer(train_writer, cfg.seq_len, cfg.max_train_sequences),
+            split: _Packer(writers[split], cfg.seq_len, held_out.get(split, cfg.max_train_sequences))
+            for split in splits
         }
+        # Whole documents fill eval, then val, then train: no document is split between two of them.
+        order = [s for s in ("eval", VAL_SPLIT) if s in packers] + ["train"]
         for tokens in document_tokens(texts, encoder):
-            # Whole documents go to eval until it is full: no document is split between the two.
-            packers["eval" if not packers["eval"].full else "train"].add(tokens)
+            packers[next(s for s in order if not packers[s].full)].add(tokens)
             bar.update(1)
             if packers["train"].full:
                 break
-        if not packers["eval"].full or packers["train"].sequences == 0:
+        short = [s for s in order[:-1] if not packers[s].full]
+        if short or packers["train"].sequences == 0:
             seen = sum(p.tokens_seen for p in packers.values())
+            needed = sum(held_out[s] for s in order[:-1]) * cfg.seq_len
             raise UserError(
                 f"domain {name!r} is too small: its {len(texts)} documents have {seen} tokens, but "
-                f"{cfg.eval_sequences} eval sequences need {eval_tokens} tokens plus {cfg.seq_len} for one "
-                f"train sequence (seq_len {cfg.seq_len}); lower eval_sequences or seq_len, or add documents"
+                f"{cfg.eval_sequences} eval and {cfg.val_sequences} validation sequences need {needed} tokens "
+                f"plus {cfg.seq_len} for one train sequence (seq_len {cfg.seq_len}); lower eval_sequences, "
+                "val_sequences or seq_len, or add documents"
             )
-        checksums = {"eval": eval_writer.commit(), "train": train_writer.commit()}
+        checksums = {split: writers[split].commit() for split in splits}
     elapsed = time.perf_counter() - started
     total = sum(p.tokens_seen for p in packers.values())
+    val = f" + {packers[VAL_SPLIT].sequences} val" if VAL_SPLIT in packers else ""
     print(
-        f"{name}: {packers['train'].sequences} train + {packers['eval'].sequences} eval sequences of "
+        f"{name}: {packers['train'].sequences} train + {packers['eval'].sequences} eval{val} sequences of "
         f"{cfg.seq_len} tokens from {sum(p.documents for p in packers.values())} documents "
         f"({total / max(elapsed, 1e-9):,.0f} tokens/s)"
     )
     return {
         "sources": list(spec.paths),
         "options": _domain_options(cfg, spec),
-        "documents": {split: packers[split].documents for split in SPLITS},
+        "documents": {split: packers[split].documents for split in splits},
         "splits": {
             split: {
                 "file": paths[split].name,
@@ -304,7 +325,7 @@ def _prepare_domain(
                 "tokens": packers[split].sequences * cfg.seq_len,
                 "sha256": checksums[split],
             }
-            for split in SPLITS
+            for split in splits
         },
     }
 
@@ -363,7 +384,7 @@ def _check_same_domain(out: Path, name: str, entry: dict[str, Any], cfg: Prepare
 
 def _finished_problem(out: Path, metadata: dict[str, Any], entry: dict[str, Any]) -> str | None:
     """None when a listed domain's token files exist with the right sizes, else what is wrong."""
-    for split in SPLITS:
+    for split in entry["splits"]:
         problem = token_file_problem(out, metadata, entry["splits"][split])
         if problem is not None:
             return problem
@@ -473,7 +494,10 @@ class AutoPrepare:
     seq_len: int = 256
     """Tokens per packed sequence."""
     eval_sequences: int = 16
-    """Held-out sequences per domain."""
+    """Held-out sequences per domain (what results report)."""
+    val_sequences: int | None = None
+    """Validation sequences per domain (what dynamic batch loading reweights on; None: as many as
+    `eval_sequences`; 0: none)."""
     max_train_sequences: int | None = 2000
     """Training sequences per domain (None: all)."""
     num_workers: int = 1
@@ -512,6 +536,7 @@ def ensure_prepared(
         source=source_spec,
         seq_len=auto.seq_len,
         eval_sequences=auto.eval_sequences,
+        val_sequences=auto.val_sequences,
         max_train_sequences=auto.max_train_sequences,
         num_workers=auto.num_workers,
     )

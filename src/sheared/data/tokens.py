@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 TOKENIZER_DIR = "tokenizer"
-SPLITS: tuple[str, ...] = ("train", "eval")
+SPLITS: tuple[str, ...] = ("train", "eval")  # every prepared domain has these
+# The validation split dynamic batch loading reweights on (SPEC §11); data prepared before it has none.
+VAL_SPLIT = "val"
 UINT16_VOCAB_LIMIT = 65536  # ids 0..65535 fit in an unsigned 16-bit integer
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian on disk
 HASH_BLOCK_BYTES = 1 << 22  # read size when hashing token files
@@ -318,7 +320,8 @@ class PreparedData:
             entries = [
                 (domain, split, metadata["domains"][domain]["splits"][split])
                 for domain in metadata["domains"]
-                for split in SPLITS
+                for split in (*SPLITS, VAL_SPLIT)
+                if split in SPLITS or split in metadata["domains"][domain]["splits"]
             ]
             dtype_ok = metadata["dtype"] in DTYPES and isinstance(metadata["seq_len"], int)
         except (KeyError, TypeError) as e:
@@ -346,9 +349,23 @@ class PreparedData:
             raise UserError(
                 f"domain {domain!r} is not in {self.directory} (domains: {', '.join(self.domains)})"
             )
-        if split not in SPLITS:
-            raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        return self.metadata["domains"][domain]["splits"][split]
+        if split not in (*SPLITS, VAL_SPLIT):
+            raise UserError(f"split {split!r} is not one of {', '.join((*SPLITS, VAL_SPLIT))}")
+        splits = self.metadata["domains"][domain]["splits"]
+        if split not in splits:
+            raise UserError(
+                f"domain {domain!r} of {self.directory} has no {split} split (prepared before validation "
+                f"splits existed); run `{PREPARE_COMMAND}` again to add one"
+            )
+        return splits[split]
+
+    @property
+    def decision_split(self) -> str:
+        """The split that decisions (dynamic batch loading's reweighting) read: `val` when every domain
+        has one, else `eval` (data prepared before validation splits: then the reported split is read
+        by the reweighting too — the plan says so)."""
+        has_val = all(VAL_SPLIT in self.metadata["domains"][d]["splits"] for d in self.domains)
+        return VAL_SPLIT if has_val else "eval"
 
     def num_sequences(self, domain: str, split: str) -> int:
         """Number of `seq_len`-token sequences of a domain's split."""

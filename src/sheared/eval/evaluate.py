@@ -29,15 +29,17 @@ def model_names(specs: Sequence[str]) -> dict[str, str]:
 
 
 def per_domain(
-    spec: str, data_dir: str, batch_size: int, max_sequences: int | None
+    spec: str, data_dir: str, batch_size: int, max_sequences: int | None, split: str = "eval"
 ) -> dict[str, dict[str, float]]:
-    """domain -> {"loss", "perplexity"} of one model on the eval split of prepared data."""
+    """domain -> {"loss", "perplexity"} of one model on a split of prepared data (the held-out one)."""
     from sheared.data.tokens import PreparedData
 
     source = load_source(spec)
     data = PreparedData.open(data_dir)
     data.check_tokenizer(source.tokenizer)
-    losses = domain_losses(source.model.eval(), data, batch_size=batch_size, max_sequences=max_sequences)
+    losses = domain_losses(
+        source.model.eval(), data, split=split, batch_size=batch_size, max_sequences=max_sequences
+    )
     return {d: {"loss": v, "perplexity": math.exp(v)} for d, v in losses.items()}
 
 

@@ -20,6 +20,7 @@ does not depend on how the calibration sequences are split across data-parallel 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import nn
 from sheared.errors import UserError
 from sheared.model.args import ModelArgs
 from sheared.model.masks import Masks
-from sheared.pruning.hard_concrete import LOG_ALPHA_MAX, top_k_binary
+from sheared.pruning.hard_concrete import BETA, LIMIT_LEFT, LIMIT_RIGHT, LOG_ALPHA_MAX, top_k_binary
 from sheared.pruning.target import MASK_TYPES, MaskSpec
 
 SCORING_METHODS = ("activation", "magnitude", "random")
@@ -43,6 +44,21 @@ KEEP_HIGH = LOG_ALPHA_MAX
 KEEP_LOW = 4.0
 DROP_HIGH = 3.5
 DROP_LOW = 2.5
+# `pruning.init: oneshot` (SPEC §11): start from the one-shot choice itself. The kept structures sit
+# well inside the kept region and the dropped ones at, or just below, the decision boundary (the
+# log_alpha where P(z != 0) = 1/2: beta·ln(-l/r) ≈ -1.60), so that the gap between the two sets —
+# ONESHOT_KEEP_LOW − ONESHOT_DROP_HIGH ≈ 5.6 here, against 0.5 above — survives the first steps and the
+# learned masks only have to correct the ranking. The projection controller then shifts every row
+# onto its target; the gap and the order are what it keeps.
+DECISION_BOUNDARY = BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT)
+ONESHOT_KEEP_HIGH = LOG_ALPHA_MAX
+ONESHOT_KEEP_LOW = 4.0
+ONESHOT_DROP_HIGH = DECISION_BOUNDARY
+ONESHOT_DROP_LOW = DECISION_BOUNDARY - 1.0
+LEVELS = {  # init -> (keep high, keep low, drop high, drop low)
+    "ranked": (KEEP_HIGH, KEEP_LOW, DROP_HIGH, DROP_LOW),
+    "oneshot": (ONESHOT_KEEP_HIGH, ONESHOT_KEEP_LOW, ONESHOT_DROP_HIGH, ONESHOT_DROP_LOW),
+}
 
 Scores = dict[str, torch.Tensor]
 AllReduce = Callable[[torch.Tensor], None]
@@ -258,17 +274,20 @@ def row_ranks(scores: torch.Tensor) -> torch.Tensor:
     return order.argsort(dim=-1, stable=True)
 
 
-def initial_log_alpha(scores: torch.Tensor, kept: int) -> torch.Tensor:
-    """log_alpha (same shape as `scores`) that orders every row like its scores (see KEEP_/DROP_).
+def initial_log_alpha(scores: torch.Tensor, kept: int, levels: str = "ranked") -> torch.Tensor:
+    """log_alpha (same shape as `scores`) that orders every row like its scores.
 
     Args:
         scores: (..., n) one row per mask row.
         kept: entries per row the target keeps.
+        levels: `ranked` (KEEP_/DROP_: everything still kept at step 0) or `oneshot` (ONESHOT_: the
+            one-shot choice, dropped structures at the decision boundary).
     """
+    keep_high, keep_low, drop_high, drop_low = LEVELS[levels]
     n = scores.shape[-1]
     rank = row_ranks(scores).double()
-    keep = KEEP_HIGH - (KEEP_HIGH - KEEP_LOW) * rank / max(kept - 1, 1)
-    drop = DROP_HIGH - (DROP_HIGH - DROP_LOW) * (rank - kept) / max(n - kept - 1, 1)
+    keep = keep_high - (keep_high - keep_low) * rank / max(kept - 1, 1)
+    drop = drop_high - (drop_high - drop_low) * (rank - kept) / max(n - kept - 1, 1)
     return torch.where(rank < kept, keep, drop).float()
 
 

@@ -53,10 +53,10 @@ class L0Module(nn.Module):
             p.copy_(hc.LOG_ALPHA_INIT_MEAN + hc.LOG_ALPHA_INIT_STD * noise)
 
     @torch.no_grad()
-    def reset_parameters_from_scores(self, scores: dict[str, torch.Tensor]) -> None:
-        """log_alpha ordered in every row like one-shot `scores` (see `importance.initial_log_alpha`)."""
+    def reset_parameters_from_scores(self, scores: dict[str, torch.Tensor], levels: str = "ranked") -> None:
+        """log_alpha ordered in every row like one-shot `scores` (`levels`: `importance.initial_log_alpha`)."""
         for name, p in self.log_alpha.items():
-            p.copy_(initial_log_alpha(scores[name], self.specs[name].target_kept).to(p.device))
+            p.copy_(initial_log_alpha(scores[name], self.specs[name].target_kept, levels).to(p.device))
 
     @torch.no_grad()
     def clamp_(self) -> None:

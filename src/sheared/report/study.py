@@ -34,7 +34,7 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
         label="source",
     )
     ax.set(
-        title="mean held-out loss against tokens",
+        title="mean held-out loss against tokens (first seed)",
         xlabel="tokens (calibration + pruning + training)",
         ylabel="loss",
     )
@@ -51,13 +51,13 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
     ):
         ax.bar([d + i * width for d in range(len(domains))], [values[d] for d in domains], width, label=name)
     ax.set_xticks([d + 0.4 for d in range(len(domains))], domains)
-    ax.set(title="final held-out loss per domain", ylabel="loss")
+    ax.set(title="final held-out loss per domain (mean over seeds)", ylabel="loss")
     ax.legend(fontsize="small", ncols=3)
     fig.savefig(out / "domain_losses.png", dpi=110)
 
     dbl = next((n for n in ("best+distill", "activation", *arms) if n in arms), None)
     if dbl is not None:
-        records = RunDir(out / dbl / "train").read_metrics()
+        records = RunDir(arms[dbl].get("train_dir", out / dbl / "train")).read_metrics()
         fig = Figure(figsize=(8, 4), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
@@ -65,7 +65,8 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
         for d in domains:
             ax.plot(steps, [r.get(DOMAIN_WEIGHT + d, math.nan) for r in records], label=d)
         ax.set(
-            title=f"domain weights of `{dbl}`'s continued pretraining (dynamic batch loading)", xlabel="step"
+            title=f"domain weights of `{dbl}`'s continued pretraining (dynamic batch loading, first seed)",
+            xlabel="step",
         )
         ax.legend(fontsize="small", ncols=2)
         fig.savefig(out / "domain_weights.png", dpi=110)

@@ -107,9 +107,11 @@ class PruningConfig:
     """`l0`: learned hard-concrete masks trained with the model (Sheared LLaMA); one-shot, no training
     steps: `activation` (Minitron head/channel/hidden importance, ShortGPT block influence for layers),
     `magnitude` (weight norms, no data), `random` (seeded; the sanity floor)."""
-    init: Literal["uniform", "activation", "magnitude"] = "uniform"
+    init: Literal["uniform", "activation", "magnitude", "oneshot"] = "uniform"
     """`l0` only: `uniform` starts every log_alpha at 5 (the paper); a scoring method orders each row's
-    initial log_alpha by that method's ranking (docs/method.md), everything still kept at step 0."""
+    initial log_alpha by that method's ranking (docs/method.md), everything still kept at step 0;
+    `oneshot` starts from the activation one-shot choice itself: kept structures well inside, dropped
+    ones at the decision boundary, so that the learned masks refine that choice."""
     calibration: int = 8
     """Calibration sequences per domain (from the prepared training split) for activation scores."""
     width_scores: Literal["full", "after_depth"] = "full"
@@ -181,6 +183,8 @@ class PruningConfig:
         """The scoring method this run needs (one-shot method or l0 init), or None."""
         if self.one_shot:
             return self.method
+        if self.init == "oneshot":
+            return "activation"
         return None if self.init == "uniform" else self.init
 
 

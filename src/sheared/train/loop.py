@@ -115,9 +115,13 @@ class RunState:
     def last_eval(self) -> dict[str, float]:
         return self.history[-1]["eval_loss"] if self.history else {}
 
-    def evaluate(self, masks: Masks | None) -> DomainMetrics:
-        """Per-domain eval loss of the (wrapped) model (and KL to the teacher), summed over ranks."""
-        return evaluate(self.trainable.model, self.data, self.cfg, self.resolved, masks, teacher=self.teacher)
+    def evaluate(self, masks: Masks | None, split: str = "eval") -> DomainMetrics:
+        """Per-domain loss of the (wrapped) model on `split` (and, on the held-out split, KL to the
+        teacher), summed over ranks."""
+        teacher = self.teacher if split == "eval" else None
+        return evaluate(
+            self.trainable.model, self.data, self.cfg, self.resolved, masks, split=split, teacher=teacher
+        )
 
 
 def mask_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
@@ -253,7 +257,7 @@ def _initialise_masks(
         autocast_dtype=resolved.precision.autocast_dtype,
         progress=env.is_main,
     )
-    l0.reset_parameters_from_scores(scores)
+    l0.reset_parameters_from_scores(scores, "oneshot" if cfg.pruning.init == "oneshot" else "ranked")
     if env.is_main:
         save_scores(files.scores, scores, model.args, info)
 
@@ -272,8 +276,9 @@ def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) ->
                 file=sys.stderr,
             )
         reference = read_reference_losses(state.cfg.data.reference_losses, state.domains, previous)
-        # `source`: the model's own loss before any training, unmasked
-        state.reference = reference if reference is not None else state.evaluate(None).loss
+        # `source`: the model's own loss before any training, unmasked, on the split DBL compares
+        decision = state.data.decision_split
+        state.reference = reference if reference is not None else state.evaluate(None, decision).loss
         if env.is_main:
             ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
             save_config(state.resolved.config_to_save(state.cfg), files.config)
@@ -521,20 +526,22 @@ def _progress_line(state: RunState, record: dict[str, Any]) -> dict[str, str]:
 
 
 def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
-    """Per-domain eval loss after the current step, then the DBL update of the domain weights."""
+    """Per-domain held-out loss after the current step, then the DBL update of the domain weights from
+    the validation split's losses (SPEC §11: the reported split decides nothing; data prepared without
+    a validation split falls back to the held-out split, as the plan says)."""
     data_cfg, domains = state.cfg.data, state.domains
     eval_masks = None
     if state.l0 is not None:  # after hardening began: the exact-target masks it trains under
         eval_masks = state.l0.deterministic("target" if _hardening(state, state.step - 1) else "expected")
-    state.trainable.model.eval()
     measured = state.evaluate(eval_masks)
-    state.trainable.model.train()
     losses = measured.loss
+    decision = state.data.decision_split
+    validation = losses if decision == "eval" else state.evaluate(eval_masks, decision).loss
     if data_cfg.dynamic:
         state.sampler.set_weights(
             update_domain_weights(
                 state.sampler.weights,
-                [losses[d] for d in domains],
+                [validation[d] for d in domains],
                 [state.reference[d] for d in domains],
                 eta=data_cfg.eta,
                 smoothing=data_cfg.smoothing,
@@ -545,6 +552,8 @@ def evaluate_and_reweight(state: RunState) -> dict[str, Any]:
         {"step": state.step, "eval_loss": losses, "weights": dict(zip(domains, state.sampler.weights))}
     )
     record = {rf.metric(rf.EVAL_LOSS, d): v for d, v in losses.items()}
+    if decision != "eval":
+        record.update({rf.metric(rf.VAL_LOSS, d): v for d, v in validation.items()})
     record.update({rf.metric(rf.REFERENCE_LOSS, d): state.reference[d] for d in domains})
     if measured.kl is not None:
         record.update({rf.metric(rf.EVAL_KL, d): v for d, v in measured.kl.items()})

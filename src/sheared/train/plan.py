@@ -91,7 +91,7 @@ def pruning_overhead(
 
 def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None, int | None]:
     """Lines about the data, its sequence length and its number of domains (None: not known yet)."""
-    from sheared.data.tokens import METADATA_FILE, read_metadata
+    from sheared.data.tokens import METADATA_FILE, VAL_SPLIT, read_metadata
 
     path = Path(cfg.data.path)
     if (path / METADATA_FILE).is_file():
@@ -103,10 +103,20 @@ def _data_lines(cfg, seq_len_hint: int | None) -> tuple[list[str], int | None, i
         lines = [f"data: {path} (seq_len {meta['seq_len']}, {meta['dtype']})"]
         for name, entry in meta["domains"].items():
             split = entry["splits"]
+            val = f"   val {split[VAL_SPLIT]['sequences']:>6,} seq" if VAL_SPLIT in split else ""
             lines.append(
-                f"  {name:<14} train {split['train']['sequences']:>9,} seq   eval {split['eval']['sequences']:>6,} seq"
+                f"  {name:<14} train {split['train']['sequences']:>9,} seq   eval {split['eval']['sequences']:>6,} seq{val}"
             )
             _check_calibration(cfg, name, split["train"]["sequences"])
+        if all(VAL_SPLIT in e["splits"] for e in meta["domains"].values()):
+            lines.append(
+                "  reweighting reads the val split; results report the eval split, which no decision reads"
+            )
+        else:
+            lines.append(
+                "  note: no val split (prepared before validation splits existed): reweighting reads the eval "
+                "split that results report too; prepare the data again for a separate one"
+            )
         return lines, meta["seq_len"], len(meta["domains"])
     if cfg.data.auto_prepare is not None:
         auto = cfg.data.auto_prepare

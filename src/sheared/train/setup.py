@@ -157,8 +157,8 @@ def evaluate(
     """The one evaluation of a run: per-domain loss (and KL to a teacher) of `model` under `masks`,
     in eval mode and the run's precision, summed over ranks; the model's mode is restored.
 
-    `split="eval"` reads `data.max_eval_sequences` held-out sequences per domain unless
-    `max_sequences` says otherwise; calibration reads the training split.
+    The held-out (`eval`) and validation (`val`) splits read `data.max_eval_sequences` sequences per
+    domain unless `max_sequences` says otherwise; calibration reads the training split.
     """
     on_device = None if masks is None else masks.to(resolved.device)
     was_training = model.training
@@ -170,7 +170,7 @@ def evaluate(
             split=split,
             batch_size=cfg.data.eval_batch_size,
             masks=on_device,
-            max_sequences=max_sequences if split != "eval" else cfg.data.max_eval_sequences,
+            max_sequences=max_sequences if split == "train" else max_sequences or cfg.data.max_eval_sequences,
             device=resolved.device,
             autocast_dtype=resolved.precision.autocast_dtype,
             teacher=teacher,
