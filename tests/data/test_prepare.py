@@ -277,12 +277,15 @@ def test_documents_are_split_not_shared_and_packed_exactly(tmp_path, words_tok):
     metadata = prepare_data(config(tmp_path, {"a": tmp_path / "a.jsonl"}), words_tok, progress=False)
     out, entry = tmp_path / "out", metadata["domains"]["a"]
     eval_tokens, train_tokens = split_tokens(out, "a", "eval"), split_tokens(out, "a", "train")
-    assert eval_tokens.size == EVAL_SEQUENCES * SEQ_LEN
-    assert entry["splits"]["eval"]["sequences"] == EVAL_SEQUENCES
+    val_tokens = split_tokens(out, "a", "val")
+    assert eval_tokens.size == val_tokens.size == EVAL_SEQUENCES * SEQ_LEN  # val defaults to eval's size
+    assert entry["splits"]["eval"]["sequences"] == entry["splits"]["val"]["sequences"] == EVAL_SEQUENCES
     eval_markers, train_markers = markers_in(eval_tokens, words_tok), markers_in(train_tokens, words_tok)
-    assert not eval_markers & train_markers
-    assert len(eval_markers) == entry["documents"]["eval"]
-    assert entry["documents"]["eval"] + entry["documents"]["train"] == len(docs)
+    val_markers = markers_in(val_tokens, words_tok)
+    assert not eval_markers & train_markers and not val_markers & train_markers
+    assert not eval_markers & val_markers
+    assert len(eval_markers) == entry["documents"]["eval"] and len(val_markers) == entry["documents"]["val"]
+    assert entry["documents"]["eval"] + entry["documents"]["val"] + entry["documents"]["train"] == len(docs)
     # Train keeps every full sequence of its documents: fewer than seq_len tokens are dropped.
     train_doc_tokens = sum(len(d.split()) + 1 for d in docs if d.split()[0] in train_markers)
     assert 0 <= train_doc_tokens - train_tokens.size < SEQ_LEN + max(len(d.split()) + 1 for d in docs)
@@ -351,7 +354,7 @@ def test_metadata_is_complete_and_matches_the_files(tmp_path, words_tok):
     assert list(metadata["domains"]) == ["a", "b"]
     for name, entry in metadata["domains"].items():
         assert entry["sources"] == [str(cfg.domains[name].paths[0])]
-        assert set(entry["documents"]) == set(entry["splits"]) == {"train", "eval"}
+        assert set(entry["documents"]) == set(entry["splits"]) == {"train", "eval", "val"}
         for split, info in entry["splits"].items():
             data = (out / info["file"]).read_bytes()
             assert info["file"] == f"{name}.{split}.bin"
@@ -431,6 +434,7 @@ def test_crash_in_second_domain_keeps_the_first_and_resumes(tmp_path, words_tok,
     assert sorted(p.name for p in out.iterdir()) == [
         "a.eval.bin",
         "a.train.bin",
+        "a.val.bin",
         METADATA_FILE,
         TOKENIZER_DIR,
     ]
@@ -459,8 +463,9 @@ def test_refuses_empty_and_too_small_domains(tmp_path, words_tok):
     tokens = sum(len(d.split()) + 1 for d in marked_documents(0, 5))
     with pytest.raises(
         UserError,
-        match=rf"domain 'small' is too small: its 5 documents have {tokens} tokens, but 3 eval sequences "
-        rf"need 48 tokens plus 16 for one train sequence",
+        match=rf"domain 'small' is too small: its 5 documents have {tokens} tokens, but 3 eval and 3 "
+        rf"validation sequences need 96 tokens plus 16 for one train sequence \(seq_len 16\); lower "
+        rf"eval_sequences, val_sequences or seq_len, or add documents",
     ):
         prepare_data(config(tmp_path, {"small": tmp_path / "small.jsonl"}), words_tok, progress=False)
     assert not list((tmp_path / "out").glob("*.bin")) and not list((tmp_path / "out").glob("*.tmp"))
@@ -545,7 +550,7 @@ def test_config_from_flags(tmp_path):
 
 
 def test_prepare_loads_the_source_tokenizer_when_none_is_given(tmp_path, smollm2_tok):
-    write_jsonl(tmp_path / "a.jsonl", ["Some text. " * 200, "Other text! " * 200])
+    write_jsonl(tmp_path / "a.jsonl", ["Some text. " * 200, "Other text! " * 200, "Third text? " * 200])
     cfg = config(tmp_path, {"a": tmp_path / "a.jsonl"}, seq_len=32, eval_sequences=2, source="smollm2-135m")
     metadata = prepare_data(cfg, progress=False)
     assert metadata["tokenizer"]["sha256"] == tokenizer_fingerprint(smollm2_tok)["sha256"]
@@ -594,7 +599,8 @@ def test_ensure_prepared_builds_the_tiny_corpus_and_data_once(tmp_path, smollm2_
         assert data.sequences(domain, "train", [0]).shape == (1, AUTO_SEQ_LEN)
     printed = capsys.readouterr().out
     assert (
-        f"code: {AUTO_TRAIN_SEQUENCES} train + {AUTO_EVAL_SEQUENCES} eval sequences of 64 tokens" in printed
+        f"code: {AUTO_TRAIN_SEQUENCES} train + {AUTO_EVAL_SEQUENCES} eval + {AUTO_EVAL_SEQUENCES} val "
+        "sequences of 64 tokens" in printed
     )
 
     before = tree_state(corpus, out)

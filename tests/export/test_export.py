@@ -71,8 +71,12 @@ def pruned_run(tiny_config, tmp_path):
     from sheared.train.loop import run
 
     run(
-        tiny_config(
-            "train.steps=4", "train.save_interval=2", "train.eval_interval=2", "data.max_eval_sequences=2"
+        tiny_config(  # the paper's controller, which is far from the target after 4 steps (the warning)
+            "train.steps=4",
+            "train.save_interval=2",
+            "train.eval_interval=2",
+            "data.max_eval_sequences=2",
+            "pruning.controller=lagrangian",
         ),
         tmp_path / "run",
         progress=False,

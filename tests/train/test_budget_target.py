@@ -126,7 +126,10 @@ def test_oneshot_budget_run_uses_the_lowest_calibration_loss(budget_config, tmp_
     best = min(measured, key=lambda c: c["calibration_loss"])
     assert record["chosen"] == {k: best[k] for k in SHAPE_KEYS}
     chosen = TargetShape(**record["chosen"])
-    assert "target: params_fraction 0.5 of the non-embedding parameters -> 4 layers, hidden 32" in out
+    assert (
+        f"target: params_fraction 0.5 of the non-embedding parameters -> {chosen.num_hidden_layers} layers, "
+        f"hidden {chosen.hidden_size}, {chosen.num_attention_heads} query heads" in out
+    )
 
     # every loss again, from scores.pt and the full logits; all within 1% of the budget
     source = load_source(cfg.source, with_tokenizer=False)
@@ -148,7 +151,8 @@ def test_oneshot_budget_run_uses_the_lowest_calibration_loss(budget_config, tmp_
     expected = select_masks(scores, mask_specs(args, chosen))
     assert all(torch.equal(getattr(expected, k), saved["masks"][k]) for k in saved["masks"])
     report = export_run(files.path, tmp_path / "export")
-    assert report["verified"] and report["exported_num_params"] == best["num_params"] == 1_646_880
+    counted = parameter_counts(chosen.model_args(args))["num_params"]
+    assert report["verified"] and report["exported_num_params"] == best["num_params"] == counted
 
     # `plan-target --data` measures the same losses as the run
     argv = [

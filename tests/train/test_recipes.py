@@ -6,10 +6,10 @@ import pytest
 
 from sheared.cli import main
 
+STUDY_CONFIGS = sorted(p for p in Path("configs").rglob("study*.yaml"))
 RUN_CONFIGS = sorted(
-    p for p in Path("configs").rglob("*.yaml") if p.name not in ("scaling-law-losses.yaml", "study.yaml")
+    p for p in Path("configs").rglob("*.yaml") if p.name != "scaling-law-losses.yaml" and p not in STUDY_CONFIGS
 )
-STUDY_CONFIGS = sorted(Path("configs").rglob("study.yaml"))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=str)

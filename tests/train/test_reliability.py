@@ -80,7 +80,12 @@ def test_divergence_error_is_a_user_error():
 
 
 def test_a_dead_run_warns(tiny_config, tmp_path, capsys):
-    run(tiny_config("optim.lr=1e6", "train.steps=8", "train.dead_steps=3", *SMALL), tmp_path / "run")
+    # the paper's controller: under the projection the same learning rate overflows instead, and the
+    # divergence guard stops the run (tests above)
+    cfg = tiny_config(
+        "optim.lr=1e6", "train.steps=8", "train.dead_steps=3", "pruning.controller=lagrangian", *SMALL
+    )
+    run(cfg, tmp_path / "run")
     err = capsys.readouterr().err
     records = read_metrics(tmp_path / "run")
     dead = [r for r in records if abs(r["lm_loss"] - math.log(49152)) < 1e-3 and r["grad_norm"] < 1e-8]

@@ -33,9 +33,11 @@ def test_resume_two_plus_two_equals_four(tiny_export, tiny_assets, tmp_path, mon
     run(_config(tiny_export, data, *overrides), tmp_path / "full", progress=False)
 
     real_next = DomainMixtureSampler.next_global_batch
+    calls = []
 
-    def crash_at_step_3(self, size):
-        if self.step == 2:
+    def crash_at_step_3(self, size):  # the stream goes on from the pruning run's step: count this run's
+        calls.append(self.step)
+        if len(calls) == 3:
             raise Crash
         return real_next(self, size)
 

@@ -452,17 +452,21 @@ def _hardening(state: RunState, step: int) -> bool:
 def _lagrangian_backward(
     state: RunState, step: int, hard: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """Backward of the Lagrangian term (pruning with the Lagrangian controller, before hardening):
-    (its value, its parts, the warmed-up targets)."""
+    """Backward of the Lagrangian term (the Lagrangian controller, before hardening), then the average
+    of the replicated mask gradients over ranks: (its value, its parts, the warmed-up targets)."""
     controller = state.controller
     if controller is None:
         return torch.zeros(()), {}, {}
     target = controller.target(step)
-    if controller.lagrangian is None or hard:
+    if hard:  # binary masks: log_alpha gets no gradient
         return torch.zeros(()), {}, target
     lag_loss, lag_parts = controller.constraint(step)
-    lag_loss.backward()
-    average_gradients([*controller.l0.parameters(), *controller.lagrangian.parameters()], state.env)
+    if controller.lagrangian is not None:
+        lag_loss.backward()
+    # log_alpha (and the multipliers) are replicated: average what each rank's micro-batches gave them
+    replicated = [*controller.l0.parameters()]
+    replicated += [*controller.lagrangian.parameters()] if controller.lagrangian is not None else []
+    average_gradients(replicated, state.env)
     return lag_loss, lag_parts, target
 
 
