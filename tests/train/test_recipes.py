@@ -8,7 +8,9 @@ from sheared.cli import main
 
 STUDY_CONFIGS = sorted(p for p in Path("configs").rglob("study*.yaml"))
 RUN_CONFIGS = sorted(
-    p for p in Path("configs").rglob("*.yaml") if p.name != "scaling-law-losses.yaml" and p not in STUDY_CONFIGS
+    p
+    for p in Path("configs").rglob("*.yaml")
+    if p.name != "scaling-law-losses.yaml" and p not in STUDY_CONFIGS
 )
 
 
