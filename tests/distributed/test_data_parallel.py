@@ -16,7 +16,7 @@ from helpers import free_port, subprocess_env
 
 from sheared.config import load_config
 from sheared.model import load_source
-from sheared.pruning import L0Module, LagrangianConstraint
+from sheared.pruning.controller import TargetController
 from sheared.run_dir import read_metrics
 from sheared.train.checkpoint import Trainable, list_checkpoints, load_module_weights
 from sheared.train.config import PruneConfig
@@ -50,10 +50,11 @@ def _launch(nproc: int, run_dir, overrides: list[str], resume: bool = False) -> 
 
 
 def _state(run_dir, cfg: PruneConfig) -> dict[str, torch.Tensor]:
-    """Model, log_alpha and lambdas of the newest checkpoint, as plain tensors."""
+    """Model, log_alpha (and lambdas under the Lagrangian) of the newest checkpoint, as plain tensors."""
     model = load_source(cfg.source, with_tokenizer=False).model
-    l0 = L0Module(model.args, cfg.pruning.target)
-    trainable = Trainable(model, l0, LagrangianConstraint(l0.specs))
+    trainable = Trainable(
+        model, *TargetController.saved_modules(cfg.pruning.controller, model.args, cfg.pruning.target)
+    )
     load_module_weights(list_checkpoints(run_dir)[-1], trainable)
     return {k: v.detach().clone() for k, v in trainable.state_dict().items()}
 
@@ -179,3 +180,22 @@ def test_two_ranks_equal_one_rank_with_a_teacher(tiny_assets, tmp_path, strategy
         for key in [k for k in ra if k in ("ce_loss", "kd_loss") or k.startswith("eval_kl/")]:
             assert ra[key] == pytest.approx(rb[key], abs=TOLERANCE, rel=TOLERANCE), (ra["step"], key)
     assert "kd_loss" in a[-1] and "eval_kl/code" in a[-1]
+
+
+def test_two_ranks_equal_one_rank_under_the_lagrangian(tiny_assets, tmp_path):
+    """The paper's controller: the multipliers are replicated like log_alpha, and their gradients are
+    averaged over ranks, so the lambdas and masks of 2 DDP ranks equal one process's."""
+    from sheared.train.loop import run
+
+    overrides = [
+        f"source={tiny_assets / 'source'}",
+        f"data.path={tiny_assets / 'prepared'}",
+        "data.auto_prepare=null",
+        "pruning.controller=lagrangian",
+        *STEPS,
+    ]
+    cfg = load_config(PruneConfig, "configs/tiny/prune.yaml", overrides)
+    run(cfg, tmp_path / "one", progress=False)
+    _launch(2, tmp_path / "two", [*overrides, "distributed.strategy=ddp", "train.micro_batch_size=4"])
+    _compare(tmp_path / "one", tmp_path / "two", cfg)
+    assert any(k.startswith("lambda") for k in read_metrics(tmp_path / "two")[-1])

@@ -26,7 +26,6 @@ from sheared.files import atomic_write_json, atomic_write_text, disk_problem, pu
 from sheared.model import CausalLM, Masks, Source, load_source, parameter_counts, save_hf
 from sheared.model.args import SHAPE_FIELDS
 from sheared.precision import torch_dtype
-from sheared.pruning import LagrangianConstraint
 from sheared.pruning.compaction import kept_structure, slice_state_dict
 from sheared.pruning.controller import TargetController
 from sheared.pruning.params import expected_num_params
@@ -248,8 +247,9 @@ def _trained_weights_and_masks(
         return masks, read_final_state(run.run_dir), {}
     l0 = lagrangian = None
     if isinstance(cfg, PruneConfig):  # as the run built them, so that the checkpoint's keys match
-        l0 = TargetController.make_l0(cfg.pruning.controller, model.args, cfg.pruning.target)
-        lagrangian = LagrangianConstraint(l0.specs) if cfg.pruning.controller == "lagrangian" else None
+        l0, lagrangian = TargetController.saved_modules(
+            cfg.pruning.controller, model.args, cfg.pruning.target
+        )
     saved = load_module_weights(run.checkpoint, Trainable(model, l0, lagrangian))
     state = {k: saved[k] for k in ("step", "tokens", "reference_losses")}
     state["domain_weights"] = dict(zip(saved["domains"], saved["sampler"]["weights"]))

@@ -47,6 +47,12 @@ class TargetController:
         """An L0 module as `kind` needs it (the projection controller keeps order beyond the clamp)."""
         return L0Module(*args, clamp_in_place=kind != "projection", **kwargs)
 
+    @classmethod
+    def saved_modules(cls, kind: Controller, *args, **kwargs) -> tuple[L0Module, LagrangianConstraint | None]:
+        """The masks and multipliers as a run with `kind` saves them (what loads its checkpoints)."""
+        l0 = cls.make_l0(kind, *args, **kwargs)
+        return l0, LagrangianConstraint(l0.specs) if kind == "lagrangian" else None
+
     def target(self, step: int) -> dict[str, float]:
         """Every mask type's target sparsity at the 0-based `step`."""
         return warmed_up_target(self.l0.target_sparsity(), step, self.warmup_steps)
