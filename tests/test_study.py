@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sheared.config import load_config, read_yaml
+from sheared.run_dir import read_metrics
 from sheared.study import ARMS, StudyConfig, plan_arm, prune_config, run_study, train_config
 from sheared.train.config import PruneConfig, TrainConfig
 
@@ -95,8 +96,22 @@ def test_study_runs_every_arm_and_skips_finished_ones(tiny_assets, tmp_path, cap
         )
         assert r["tokens"] <= cfg.budget_tokens and r["curve"], name
     assert summary["arms"]["best+distill"]["base"] in ("activation", "l0-uniform")
-    # header row + source + 4 arms, then the paired table: header + the 3 arms other than activation
-    assert (tmp_path / "study" / "results.md").read_text().count("\n| ") == (1 + 1 + 4) + (1 + 3)
+    # every pruned arm lands on the target and its export is the model it trained (SPEC §11)
+    for name in ("activation", "l0-uniform", "best+distill"):
+        landed = summary["arms"][name]["seeds"]["0"]["landing"]
+        assert landed["off_target"] <= 0.005 and abs(landed["export_gap"]) <= 0.05, (name, landed)
+    l0 = summary["arms"]["l0-uniform"]["seeds"]["0"]["landing"]
+    evaluated = [
+        r
+        for r in read_metrics(tmp_path / "study" / "l0-uniform" / "seed-0" / "prune")
+        if "eval_loss/code" in r
+    ]
+    last = [v for k, v in evaluated[-1].items() if k.startswith("eval_loss/")]
+    assert l0["masked_eval_loss"] == pytest.approx(sum(last) / len(last))
+    assert "landing" not in summary["arms"]["scratch"]["seeds"]["0"]
+    # header row + source + 4 arms; the paired table: header + the 3 arms other than activation; the
+    # landing table: header + the 3 pruned arms
+    assert (tmp_path / "study" / "results.md").read_text().count("\n| ") == (1 + 1 + 4) + (1 + 3) + (1 + 3)
     assert (tmp_path / "study" / "loss_vs_tokens.png").is_file()
     capsys.readouterr()
     run_study(cfg, tmp_path / "study")

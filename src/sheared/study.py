@@ -321,11 +321,33 @@ def run_arm(arm: Arm, cfg: StudyConfig, out: Path) -> dict[str, Any]:
         "curve": _curve(out, arm),
         "export": str(final),
     }
+    if arm.method is not None:
+        result["landing"] = landing(out, cfg)
     if cfg.tasks:
         from sheared.eval.harness import run_lm_eval
 
         result["tasks"] = run_lm_eval(str(final), cfg.tasks, include_path=cfg.include_path)
     return result
+
+
+def landing(out: Path, cfg: StudyConfig) -> dict[str, float]:
+    """How a pruned arm landed: the largest |expected − target sparsity| of its final masks, its last masked
+    held-out loss, and the exported model's loss on the same sequences (SPEC §11: within 0.005 and 0.05)."""
+    from sheared.eval.evaluate import per_domain
+    from sheared.run_dir import EVAL_LOSS, RunDir
+
+    run = RunDir(out / "prune")
+    gaps = json.loads(run.masks_summary.read_text()).get("expected_minus_target_sparsity") or {}
+    masked = [r for r in run.read_metrics() if any(k.startswith(EVAL_LOSS) for k in r)][-1]
+    masked = {k[len(EVAL_LOSS) :]: v for k, v in masked.items() if k.startswith(EVAL_LOSS)}
+    max_eval = (run.read_config() or {})["data"].get("max_eval_sequences")
+    exported = {d: v["loss"] for d, v in per_domain(str(out / "pruned"), cfg.data, 8, max_eval).items()}
+    return {
+        "off_target": max(abs(v) for v in gaps.values()) if gaps else 0.0,
+        "masked_eval_loss": statistics.fmean(masked.values()),
+        "exported_eval_loss": statistics.fmean(exported[d] for d in masked),
+        "export_gap": statistics.fmean(exported[d] - masked[d] for d in masked),
+    }
 
 
 def _seq_len(cfg: StudyConfig) -> int:
@@ -379,6 +401,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
             done = arm_dir / "result.json"
             if done.is_file():
                 per_seed[seed] = json.loads(done.read_text())
+                if "landing" not in per_seed[seed] and (arm_dir / "pruned").is_dir():  # results of older code
+                    per_seed[seed]["landing"] = landing(arm_dir, cfg)
+                    atomic_write_json(done, per_seed[seed])
                 print(
                     f"== {label}, seed {seed}: done before (mean held-out loss {per_seed[seed]['mean_eval_loss']:.3f})"
                 )
@@ -550,6 +575,26 @@ def results_markdown(summary: dict[str, Any]) -> str:
         for name, d in paired["differences"].items():
             sd = "–" if d["sd"] is None else f"{d['sd']:.3f}"
             lines.append(f"| {name} | {d['mean']:+.3f} | {sd} | {d['seeds']} |")
+    landed = [
+        (n, s, r["landing"])
+        for n, a in summary["arms"].items()
+        for s, r in a["seeds"].items()
+        if "landing" in r
+    ]
+    if landed:
+        lines += [
+            "",
+            "How the pruned arms landed: the largest |expected − target sparsity| of the final masks, and the "
+            "held-out loss of the last masked evaluation against the exported model's on the same sequences:",
+            "",
+            "| arm | seed | off target | last masked | exported | export − masked |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, seed, r in landed:
+            lines.append(
+                f"| {name} | {seed} | {r['off_target']:.4f} | {r['masked_eval_loss']:.3f} | "
+                f"{r['exported_eval_loss']:.3f} | {r['export_gap']:+.3f} |"
+            )
     sweep = summary.get("scratch_lr_sweep") or {}
     if sweep.get("val_loss"):
         tried = ", ".join(f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items())
