@@ -190,8 +190,8 @@ class RunDir:
         holds it) changes a key of `RESUME_FIXED`, or is of the other command. One line naming the key,
         the run's value and the new one. Keys an older config.yaml lacks are not compared.
 
-        A budget target is compared with the budget `target_search.json` recorded, when the target
-        resolves (`sheared.train.setup`); here it is refused only against a run with an exact shape.
+        A budget target is compared with the budget `target_search.json` recorded (a run given an
+        exact shape has none: a budget is then another target).
         """
         saved = self.latest_config()
         if saved is None:
@@ -211,7 +211,17 @@ class RunDir:
                     for name in old_value:
                         self._refuse_change(f"{key}.{name}", old_value[name], new_value[name])
                     continue
-                if self.target_search.is_file():  # a budget: checked against its record when it resolves
+                if self.target_search.is_file():  # a budget: the one its search recorded
+                    old_value = json.loads(self.target_search.read_text())["budget"]
+                    old_value, new_value = (
+                        {k: v for k, v in b.items() if v is not None} for b in (old_value, new_value)
+                    )
+                    if old_value != new_value:
+                        raise UserError(
+                            f"--resume cannot change pruning.target: {self.target_search} was searched for another "
+                            f"budget ({old_value}), this config {new_value}; resume with the same pruning.target, "
+                            "or start the new run in another --run-dir (or with --restart)"
+                        )
                     continue
             self._refuse_change(key, old_value, new_value)
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
@@ -199,10 +200,11 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error in a BaseException
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        reason = ": ".join([type(cause).__name__, *str(cause).strip().splitlines()[:1]])[:200]
         raise UserError(
-            f"checkpoint {path} matches its {MANIFEST} but cannot be loaded ({type(e).__name__}: {reason}); "
+            f"checkpoint {path} matches its {MANIFEST} but cannot be loaded ({reason}); "
             "it was damaged before its manifest was written, or written by another config: move it aside "
             "to resume from an earlier one, or start again with --restart"
         ) from None
