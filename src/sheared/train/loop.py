@@ -497,7 +497,8 @@ class DeadRunGuard:
 
     def observe(self, step: int, loss: float, grad_norm: float, quiet: bool = False) -> None:
         """Record the loss and gradient norm of the 1-based `step`; warn (once) when the run is dead."""
-        dead = abs(loss - self.uniform_loss) < self.LOSS_TOLERANCE and grad_norm < self.GRAD_TOLERANCE
+        # a non-finite gradient is no sign of life either
+        dead = abs(loss - self.uniform_loss) < self.LOSS_TOLERANCE and not grad_norm >= self.GRAD_TOLERANCE
         self.alive[step] = math.isfinite(loss) and not dead
         self.count = self.count + 1 if dead else 0
         if self.ended_dead() and not self.warned and not quiet:
