@@ -264,7 +264,7 @@ def test_resume_refuses_another_run_naming_the_key(tmp_path, key, value, expecte
     for part in parents:
         place = place[part]
     place[last] = value
-    with pytest.raises(UserError, match="^--resume cannot change ") as refused:
+    with pytest.raises(UserError, match=r"^--resume cannot change ") as refused:
         run.check_resume(new)
     assert expected.format(run.path) in str(refused.value) and "\n" not in str(refused.value)
     run.check_resume(yaml.safe_load(yaml.safe_dump(RESUMED)))  # the same run: fine
