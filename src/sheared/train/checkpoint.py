@@ -11,8 +11,9 @@ Layout of `RUN_DIR/checkpoints/step_000100/`:
 A checkpoint is written into `step_000100.tmp/`, every file is fsynced, the manifest is written
 last, and the folder is renamed when complete. A checkpoint counts as complete when it has its
 manifest; `--resume` verifies the newest against it and, when that one is damaged (a file
-truncated, missing or changed), says so, moves it aside as `step_N.damaged` and falls back to the
-newest intact one. The newest `keep` checkpoints stay.
+truncated, missing, changed or unlisted, or the manifest itself lost), says so, moves it aside as
+`step_N.damaged` and falls back to the newest intact one; with none intact it refuses
+(`sheared.train.setup.open_run_dir`). The newest `keep` checkpoints stay.
 
 The names, the listing, the manifest and the read-only loading for export live with the run
 directory (`sheared.run_dir`); this module writes checkpoints and resumes from them, across ranks.

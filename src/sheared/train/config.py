@@ -283,7 +283,8 @@ class LoopConfig:
     """`torch.compile` every decoder layer (masks stay tensor inputs, so one graph serves every step);
     measured on CPU in docs/benchmarks.md (off by default: see there)."""
     dead_steps: int = 20
-    """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps (0: never)."""
+    """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps, or for 20% of
+    the run when that is shorter (at least 2); a run that ends so exits with code 2 (0: never)."""
     loss_chunk_tokens: int | None = None
     """Tokens per chunk of the fused loss: the output projection, softmax and their gradient run on
     this many tokens at a time, so no (tokens, vocabulary) tensor of the whole batch is ever held;
