@@ -365,7 +365,9 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     except RuntimeError as e:  # a finite gradient times a huge learning rate: beyond float32
         if "overflow" not in str(e):
             raise
-        _stop(state, step + 1, f"the optimizer step overflows ({str(e).splitlines()[0]})")
+        raise _divergence(
+            state, step + 1, f"the optimizer step overflows ({str(e).splitlines()[0]})"
+        ) from None
     state.optimizer.zero_grad(set_to_none=True)
     if state.controller is not None and not hard:
         state.controller.after_step(step)
@@ -441,12 +443,12 @@ def _stop_if_diverged(state: RunState, step: int, values: dict[str, float]) -> N
     bad = {name: v for name, v in values.items() if not math.isfinite(v)}
     if bad:
         name, value = next(iter(bad.items()))
-        _stop(state, step, f"the {name} is {value}")
+        raise _divergence(state, step, f"the {name} is {value}")
 
 
-def _stop(state: RunState, step: int, what: str) -> None:
-    """Raise `DivergenceError`: what went wrong at the 1-based `step`, and the checkpoint to go back to
-    (the newest whose weights still gave a finite, live loss; a dead or non-finite one is no use)."""
+def _divergence(state: RunState, step: int, what: str) -> DivergenceError:
+    """The `DivergenceError` of what went wrong at the 1-based `step`, naming the checkpoint to go back
+    to (the newest whose weights still gave a finite, live loss; a dead or non-finite one is no use)."""
     lr = f"optim.lr (now {state.cfg.optim.lr:g})"
     checkpoints = ckpt.list_checkpoints(state.files.path)
     good = state.dead_run.last_good(checkpoints) if state.dead_run is not None else None
@@ -467,7 +469,7 @@ def _stop(state: RunState, step: int, what: str) -> None:
             f"the last checkpoint with a finite, non-dead loss is {good}; the newer {newer} came after the damage: "
             f"move them aside to --resume from it with a lower {lr}"
         )
-    raise DivergenceError(f"step {step}: {what}; the run stopped and wrote nothing from this step ({where})")
+    return DivergenceError(f"step {step}: {what}; the run stopped and wrote nothing from this step ({where})")
 
 
 class DeadRunGuard:
