@@ -393,6 +393,24 @@ def test_a_finished_run_is_left_as_it_is(four_steps, tmp_path, capsys):
     assert _tree(tmp_path / "run") == before
 
 
+def test_a_finished_one_shot_run_is_left_as_it_is(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    argv = _argv(cfg, tmp_path / "run", "pruning.method=activation", "data.max_eval_sequences=2")
+    assert main(argv) == 0
+    before = _tree(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["prune", "--resume", *argv[1:]]) == 0
+    assert capsys.readouterr().out == (
+        f"{tmp_path / 'run'} holds a finished run (one-shot pruning: masks and final state); nothing to resume\n"
+    )
+    assert main(["prune", "--resume", *argv[1:], "pruning.method=l0"]) == 2
+    (err,) = _error_lines(capsys)
+    assert (
+        "--resume cannot change pruning.method: the run in" in err and "has activation, this config l0" in err
+    )
+    assert _tree(tmp_path / "run") == before
+
+
 def test_a_run_that_died_before_its_first_checkpoint_starts_again_only_with_restart(
     tiny_config, tmp_path, monkeypatch, capsys
 ):
