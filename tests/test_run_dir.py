@@ -264,9 +264,11 @@ def test_resume_refuses_another_run_naming_the_key(tmp_path, key, value, expecte
     for part in parents:
         place = place[part]
     place[last] = value
+    before = run.config.read_bytes()
     with pytest.raises(UserError, match=r"^--resume cannot change ") as refused:
         run.check_resume(new)
     assert expected.format(run.path) in str(refused.value) and "\n" not in str(refused.value)
+    assert [p.name for p in run.path.iterdir()] == ["config.yaml"] and run.config.read_bytes() == before
     run.check_resume(yaml.safe_load(yaml.safe_dump(RESUMED)))  # the same run: fine
     run.check_resume({**RESUMED, "train": {"steps": 8, "seed": 0}, "optim": {"lr": 1.0}})  # longer, other lr
 
