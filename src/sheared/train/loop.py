@@ -192,7 +192,9 @@ def _train(state: RunState, progress: bool) -> RunResult:
     if pruning:
         save_masks(state)
     barrier(state.env)
-    if state.dead_run is not None and state.dead_run.ended_dead():
+    # every rank decides together (after a resume only rank 0 replayed how long the run was dead)
+    ended_dead = state.dead_run is not None and state.dead_run.ended_dead()
+    if all_reduce_sum([float(ended_dead)], state.env)[0] > 0 and state.dead_run is not None:
         raise DeadRunError(state.dead_run.ended_line(state.files.path, state.cfg.optim.lr))
     return RunResult(
         run_dir=state.files.path,
