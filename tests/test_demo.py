@@ -65,19 +65,24 @@ def test_run_stage_keeps_a_finished_run_and_runs_an_unfinished_one(tmp_path, mon
 
     calls = []
     monkeypatch.setattr(
-        loop, "run", lambda cfg, run_dir, resume, progress: calls.append((run_dir.name, resume))
+        loop,
+        "run",
+        lambda cfg, run_dir, resume, restart, progress: calls.append((run_dir.name, resume, restart)),
     )
     cfg = _train_cfg()
     cfg.train.steps = 3
     run = RunDir(tmp_path / "continued")
     run_stage(cfg, run.path)  # nothing there yet
-    assert calls == [("continued", False)]
+    assert calls == [("continued", False, False)]
     save_config(cfg, run.config)
+    run.metrics.write_text('{"step": 1}\n')
+    run_stage(cfg, run.path)  # stopped before its first checkpoint: moved aside, started again
+    assert calls[-1] == ("continued", False, True)
     final = run.checkpoints / checkpoint_name(3)
     final.mkdir(parents=True)
     write_manifest(final)
     run_stage(cfg, run.path)
-    assert calls == [("continued", False)] and "done before" in capsys.readouterr().out
+    assert len(calls) == 2 and "done before" in capsys.readouterr().out
     cfg.train.steps = 5  # a longer plan: the run is continued
     run_stage(cfg, run.path)
-    assert calls == [("continued", False), ("continued", True)]
+    assert calls[-1] == ("continued", True, False)

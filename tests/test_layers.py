@@ -122,6 +122,7 @@ RUN_FILE_NAMES = {
     "CONFIG_FILE": "config.yaml",
     "RESUME_CONFIG": "config.resume-{}.yaml",
     "METRICS_FILE": "metrics.jsonl",
+    "METRICS_DAMAGED": "metrics.damaged.jsonl",
     "CHECKPOINT_DIR": "checkpoints",
     "MASKS_FILE": "masks.pt",
     "MASKS_SUMMARY": "masks.json",

@@ -14,8 +14,10 @@ from sheared.run_dir import (
     TRAINER_STATE,
     RunDir,
     checkpoint_name,
+    checkpoint_problem,
     checkpoint_run,
     checkpoint_step,
+    cut_metrics,
     read_metrics,
     read_run_state,
     write_manifest,
@@ -194,6 +196,140 @@ def test_a_bad_line_before_the_last_is_refused(tmp_path, bad):
         UserError, match=r"metrics.jsonl line 3 is not a metrics record \(a JSON object with 'step'\)"
     ):
         run.read_metrics()
+
+
+def test_cut_metrics_sets_damaged_lines_aside_and_keeps_the_intact_ones(tmp_path):
+    run = _run(tmp_path / "run", TRAIN)
+    lines = [f'{{"step": {i}, "loss": {i}.5}}' for i in range(1, 7)]
+    cut_short = lines[1][:9]  # line 2 lost its end and its newline: line 3 follows on the same line
+    text = "\n".join([lines[0], cut_short + lines[2], "\x00\x00garbage", *lines[3:5], lines[5][:7]])
+    run.metrics.write_bytes(text.encode())  # the last line half-written, no newline
+    records, note = cut_metrics(run.path, 4)
+    assert [r["step"] for r in records] == [1, 3, 4]  # step 5 comes again from the resumed run
+    assert note == (
+        "metrics.jsonl lines 2, 3 were damaged; moved to metrics.damaged.jsonl, "
+        "the 3 intact records up to step 4 are kept"
+    )
+    assert run.metrics.read_text() == "\n".join([lines[0], lines[2], lines[3]]) + "\n"
+    assert run.metrics_damaged.read_bytes() == (cut_short + "\n\x00\x00garbage\n").encode()
+    records, note = cut_metrics(run.path, 4)  # clean now: nothing more set aside, nothing lost
+    assert [r["step"] for r in records] == [1, 3, 4] and note is None
+    assert run.metrics_damaged.read_bytes() == (cut_short + "\n\x00\x00garbage\n").encode()
+
+
+# --- resume: the same run, or another one ------------------------------------------------------------
+
+
+RESUMED = {
+    "source": "s",
+    "data": {"path": "d"},
+    "pruning": {
+        "method": "l0",
+        "controller": "projection",
+        "target": {"hidden_size": 48, "num_hidden_layers": 3},
+    },
+    "train": {"steps": 4, "seed": 0},
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("pruning.method", "activation", "pruning.method: the run in {} has l0, this config activation"),
+        (
+            "pruning.controller",
+            "lagrangian",
+            "pruning.controller: the run in {} has projection, this config lagrangian",
+        ),
+        (
+            "pruning.target.hidden_size",
+            40,
+            "pruning.target.hidden_size: the run in {} has 48, this config 40",
+        ),
+        (
+            "pruning.target",
+            {"params_fraction": 0.5},
+            "pruning.target: the run in {} has {{'hidden_size': 48, ",
+        ),
+        ("train.seed", 3, "train.seed: the run in {} has 0, this config 3"),
+        ("data.path", "other", "data.path: the run in {} has d, this config other"),
+        ("source", "t", "source: the run in {} has s, this config t"),
+    ],
+)
+def test_resume_refuses_another_run_naming_the_key(tmp_path, key, value, expected):
+    run = _run(tmp_path / "run", RESUMED)
+    new = yaml.safe_load(yaml.safe_dump(RESUMED))
+    *parents, last = key.split(".")
+    place = new
+    for part in parents:
+        place = place[part]
+    place[last] = value
+    before = run.config.read_bytes()
+    with pytest.raises(UserError, match=r"^--resume cannot change ") as refused:
+        run.check_resume(new)
+    assert expected.format(run.path) in str(refused.value) and "\n" not in str(refused.value)
+    assert [p.name for p in run.path.iterdir()] == ["config.yaml"] and run.config.read_bytes() == before
+    run.check_resume(yaml.safe_load(yaml.safe_dump(RESUMED)))  # the same run: fine
+    run.check_resume({**RESUMED, "train": {"steps": 8, "seed": 0}, "optim": {"lr": 1.0}})  # longer, other lr
+
+
+def test_resume_compares_paths_budgets_and_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _run(tmp_path / "run", {**RESUMED, "data": {"path": str(tmp_path / "d")}})
+    run.check_resume(RESUMED)  # `d` from here is the same folder
+    budget = {**RESUMED, "pruning": {**RESUMED["pruning"], "target": {"params_fraction": 0.5, "dtype": None}}}
+    run.target_search.write_text(json.dumps({"budget": {"params_fraction": 0.5, "dtype": None}}))
+    run.check_resume(budget)  # the budget its search recorded
+    budget["pruning"]["target"]["params_fraction"] = 0.4
+    with pytest.raises(
+        UserError, match=r"target_search.json was searched for another budget \(\{'params_fraction': 0.5\}\)"
+    ):
+        run.check_resume(budget)
+    with pytest.raises(
+        UserError, match="holds a run of `sheared prune`; resume it with `sheared prune --resume`"
+    ):
+        run.check_resume(TRAIN)
+    RunDir(tmp_path / "none").check_resume(TRAIN)  # no run there: nothing to compare
+
+
+def test_move_aside_moves_the_run_and_only_the_run(tmp_path):
+    run = _run(tmp_path / "other", TRAIN)
+    _checkpoint(run, 2)
+    run.metrics.write_text('{"step": 1}\n')
+    (run.path / "config.resume-1.yaml").write_text("a: 1\n")
+    (run.path / "notes.txt").write_text("mine")
+    before = {p.relative_to(run.path): p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert run.replaced_dir() == tmp_path / "other.replaced-1"
+    aside = run.move_aside()
+    assert aside == tmp_path / "other.replaced-1"
+    moved = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
+    assert moved == {k: v for k, v in before.items() if str(k) != "notes.txt"}  # byte for byte
+    assert sorted(p.name for p in run.path.iterdir()) == ["notes.txt"]
+    assert not run.is_run() and not run.holds_run()
+    run.config.write_text("model: m\n")
+    assert run.move_aside() == tmp_path / "other.replaced-2"  # the first one stays
+    assert (aside / "config.yaml").read_text() == yaml.safe_dump(TRAIN)
+    assert RunDir(tmp_path / "empty").move_aside() is None
+
+
+# --- checkpoints: what counts as intact -------------------------------------------------------------
+
+
+def test_a_manifest_vouches_only_for_the_files_it_lists(tmp_path):
+    run = _run(tmp_path / "run", TRAIN)
+    folder = _checkpoint(run, 2)
+    assert checkpoint_problem(folder) is None
+    (folder / "__0_0.distcp").write_bytes(b"weights")
+    assert checkpoint_problem(folder) == "__0_0.distcp is not in its manifest.json"
+    (folder / MANIFEST).write_text('{"files": {}}')
+    assert checkpoint_problem(folder) == "its manifest.json lists no files"
+    write_manifest(folder)
+    assert checkpoint_problem(folder) is None
+    newer = _checkpoint(run, 4, complete=False)  # a finished save always leaves its manifest
+    problems: list = []
+    assert run.intact_checkpoint(problems) == folder
+    assert problems == [(newer, "its manifest.json is missing or unreadable")]
+    assert [p.name for p in run.list_checkpoints()] == ["step_000002"]
 
 
 # --- the run state next to an export ---------------------------------------------------------------

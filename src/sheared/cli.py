@@ -129,7 +129,9 @@ def _run_command(ns: argparse.Namespace, config_cls: type) -> int:
         raise UserError("--run-dir is required to run (only --dry-run works without it)")
     from sheared.train.loop import run
 
-    result = run(cfg, ns.run_dir, resume=ns.resume)
+    result = run(cfg, ns.run_dir, resume=ns.resume, restart=ns.restart)
+    if not result.ran:  # a finished run, left as it is: the line saying so is printed
+        return 0
     if result.eval_losses:
         losses = ", ".join(f"{d} {v:.3f}" for d, v in result.eval_losses.items())
         print(f"final eval loss per domain: {losses}")
@@ -286,8 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="where config, metrics, checkpoints and results go (not for --dry-run)",
         )
-        p.add_argument(
-            "--resume", action="store_true", help="continue from the newest checkpoint in --run-dir"
+        again = p.add_mutually_exclusive_group()
+        again.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the newest intact checkpoint in --run-dir (a finished run is left as it is)",
+        )
+        again.add_argument(
+            "--restart",
+            action="store_true",
+            help="move the run in --run-dir aside to RUN.replaced-N/ and start again from step 0",
         )
         p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")

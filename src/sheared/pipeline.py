@@ -72,10 +72,16 @@ def run_stage(cfg: PruneConfig | TrainConfig, run_dir: Path, *, progress: bool =
     """Run `cfg` into `run_dir`, or finish it; a finished run is kept as it is. Returns whether it ran."""
     from sheared.train.loop import run
 
-    if RunDir(run_dir).finished(cfg.train.steps):
+    files = RunDir(run_dir)
+    if files.finished(cfg.train.steps):
         print(f"  done before: {run_dir}")
         return False
-    run(cfg, run_dir, resume=Path(run_dir).exists(), progress=progress)  # no checkpoint: from step 0
+    # a run that stopped before its first checkpoint starts again, its files moved aside to
+    # RUN.replaced-N/; an unfinished one-shot run (no checkpoints) is done again in place
+    one_shot = isinstance(cfg, PruneConfig) and cfg.pruning.one_shot
+    started = files.is_run() or files.holds_run()
+    restart = not one_shot and started and files.newest_checkpoint() is None
+    run(cfg, run_dir, resume=files.path.exists() and not restart, restart=restart, progress=progress)
     return True
 
 

@@ -6,6 +6,7 @@ A run of `sheared prune` or `sheared train` writes (docs/formats.md has the deta
       config.yaml           the resolved config (written once, when the run starts; never rewritten)
       config.resume-N.yaml  the resolved config of the N-th resumed attempt
       metrics.jsonl         one JSON object per step (keys below)
+      metrics.damaged.jsonl lines of metrics.jsonl that were not records, set aside by `--resume`
       tensorboard/          the same scalars for TensorBoard (when installed)
       checkpoints/step_N/   resumable checkpoints: trainer_state.json, manifest.json and the
                             torch.distributed.checkpoint shards (`sheared.train.checkpoint` writes them)
@@ -15,6 +16,8 @@ A run of `sheared prune` or `sheared train` writes (docs/formats.md has the deta
       target_search.json    budget targets: the ranked candidates and the chosen shape
       final_state.json      one-shot runs: domains, weights, reference losses, tokens (no checkpoint)
       report/               `sheared report` output
+
+A run moved aside by `--restart` keeps these files in `RUN.replaced-N/` beside it.
 
 What a folder means is answered here too: `RunDir.kind()` (a learned pruning run, a one-shot one,
 a continued-pretraining one, or no run), `RunDir.finished()`, `RunDir.newest_checkpoint()`, and
@@ -28,6 +31,7 @@ nothing of the model, the pruning, the data or the trainer.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 import zlib
@@ -45,6 +49,7 @@ from sheared.files import atomic_write, atomic_write_json
 CONFIG_FILE = "config.yaml"
 RESUME_CONFIG = "config.resume-{}.yaml"  # the resolved config of each resumed attempt
 METRICS_FILE = "metrics.jsonl"
+METRICS_DAMAGED = "metrics.damaged.jsonl"  # damaged lines of metrics.jsonl, set aside by `--resume`
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 MASKS_DIR = "masks"
@@ -56,6 +61,7 @@ TARGET_SEARCH_FILE = "target_search.json"  # budget targets: the ranked candidat
 # (domains, weights, reference losses, tokens) is kept here instead.
 FINAL_STATE_FILE = "final_state.json"
 REPORT_DIR = "report"
+REPLACED_DIR = "{}.replaced-{}"  # RUN.replaced-N: the files of a run moved aside by `--restart`
 # Written by `sheared export` next to a model: the run's domain weights and reference losses, so
 # that continued pretraining of that model starts from them.
 RUN_STATE_FILE = "sheared_run_state.json"
@@ -85,6 +91,18 @@ TIMING_KEYS = ("tokens_per_s",)  # the only keys that differ between two runs of
 
 RunKind = Literal["prune", "oneshot", "train"]
 LEARNED_METHOD = "l0"  # `pruning.method` of learned-mask runs; every other method is one-shot
+# Keys of the resolved config a resumed attempt may not change: they make another run (the checkpoint
+# would not fit it, or would continue another stream). `source` and `model` are paths.
+RESUME_FIXED = (
+    "source",
+    "model",
+    "pruning.method",
+    "pruning.controller",
+    "pruning.target",
+    "data.path",
+    "train.seed",
+)
+PATH_KEYS = ("source", "model", "data.path")
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / METRICS_FILE
+
+    @property
+    def metrics_damaged(self) -> Path:
+        return self.path / METRICS_DAMAGED
 
     @property
     def tensorboard(self) -> Path:
@@ -152,15 +174,96 @@ class RunDir:
         has_checkpoint = self.checkpoints.is_dir() and any(
             p.is_dir() and not p.name.endswith(".tmp") for p in self.checkpoints.iterdir()
         )
+        aside = self.replaced_dir().name
         if has_checkpoint or self.masks.exists():
             raise UserError(
-                f"run directory {self.path} already holds a run; pass --resume to continue it, "
-                "or choose another --run-dir"
+                f"run directory {self.path} already holds a run; pass --resume to continue it, --restart to "
+                f"move its files to {aside} and start again, or choose another --run-dir"
             )
         raise UserError(
-            f"run directory {self.path} holds a run that stopped before its first checkpoint; pass --resume "
-            "to start it again from step 0, or choose another --run-dir"
+            f"run directory {self.path} holds a run that stopped before its first checkpoint; pass --restart "
+            f"to move its files to {aside} and start it again from step 0, or choose another --run-dir"
         )
+
+    def check_resume(self, new: dict[str, Any]) -> None:
+        """Refuse a resumed attempt that would be another run: `new` (the resolved config as config.yaml
+        holds it) changes a key of `RESUME_FIXED`, or is of the other command. One line naming the key,
+        the run's value and the new one. Keys an older config.yaml lacks are not compared.
+
+        A budget target is compared with the budget `target_search.json` recorded (a run given an
+        exact shape has none: a budget is then another target).
+        """
+        saved = self.latest_config()
+        if saved is None:
+            return
+        old_kind, new_kind = ("train" if "pruning" not in c else "prune" for c in (saved, new))
+        if old_kind != new_kind:
+            raise UserError(
+                f"{self.path} holds a run of `sheared {old_kind}`; resume it with `sheared {old_kind} --resume`, "
+                "or choose another --run-dir"
+            )
+        for key in RESUME_FIXED:
+            old_value, new_value = _lookup(saved, key), _lookup(new, key)
+            if old_value is _MISSING or new_value is _MISSING:
+                continue
+            if key == "pruning.target" and isinstance(old_value, dict) and isinstance(new_value, dict):
+                if old_value.keys() == new_value.keys():  # two exact shapes: name the number that differs
+                    for name in old_value:
+                        self._refuse_change(f"{key}.{name}", old_value[name], new_value[name])
+                    continue
+                if self.target_search.is_file():  # a budget: the one its search recorded
+                    old_value = json.loads(self.target_search.read_text())["budget"]
+                    old_value, new_value = (
+                        {k: v for k, v in b.items() if v is not None} for b in (old_value, new_value)
+                    )
+                    if old_value != new_value:
+                        raise UserError(
+                            f"--resume cannot change pruning.target: {self.target_search} was searched for another "
+                            f"budget ({old_value}), this config {new_value}; resume with the same pruning.target, "
+                            "or start the new run in another --run-dir (or with --restart)"
+                        )
+                    continue
+            self._refuse_change(key, old_value, new_value)
+
+    def _refuse_change(self, key: str, old: Any, new: Any) -> None:
+        same = old == new or (
+            key in PATH_KEYS
+            and isinstance(old, str)
+            and isinstance(new, str)
+            and Path(old).resolve() == Path(new).resolve()
+        )
+        if not same:
+            raise UserError(
+                f"--resume cannot change {key}: the run in {self.path} has {old}, this config {new}; resume "
+                f"with {old}, or start the new run in another --run-dir (or with --restart)"
+            )
+
+    def run_files(self) -> list[Path]:
+        """The files and folders of the run in this folder (those this module names) that exist."""
+        names = (CONFIG_FILE, METRICS_FILE, METRICS_DAMAGED, TENSORBOARD_DIR, CHECKPOINT_DIR, MASKS_DIR)
+        names += (SCORES_FILE, TARGET_SEARCH_FILE, FINAL_STATE_FILE, REPORT_DIR)
+        found = [self.path / name for name in names]
+        found += sorted(self.path.glob(RESUME_CONFIG.format("*")))
+        return [p for p in found if p.exists()]
+
+    def replaced_dir(self) -> Path:
+        """Where `move_aside` would put this run's files: the first free `RUN.replaced-N` beside it."""
+        path, n = self.path.resolve(), 1
+        while path.with_name(REPLACED_DIR.format(path.name, n)).exists():
+            n += 1
+        return path.with_name(REPLACED_DIR.format(path.name, n))
+
+    def move_aside(self) -> Path | None:
+        """Move the run's files (`run_files`) into a new `RUN.replaced-N/` beside the folder, each by
+        one rename (nothing is copied or deleted; other files stay); None when there is no run here."""
+        found = self.run_files()
+        if not found:
+            return None
+        aside = self.replaced_dir()
+        aside.mkdir()
+        for path in found:
+            os.replace(path, aside / path.name)
+        return aside
 
     def _resumes(self) -> int:
         """How many resumed attempts wrote their config (config.resume-1.yaml, ...)."""
@@ -233,6 +336,19 @@ class RunDir:
         """Complete checkpoints (those with a manifest), oldest first; not verified."""
         return list_checkpoints(self.path)
 
+    def intact_checkpoint(self, problems: list[tuple[Path, str]] | None = None) -> Path | None:
+        """The newest checkpoint that matches its manifest (`checkpoint_problem`), or None. Every
+        `step_N` folder newer than it is damaged: a finished save always leaves its manifest, so one
+        without a manifest lost it. Those newer ones, with what is wrong, are appended to `problems`.
+        Reads every file of the checkpoints it checks."""
+        for path in reversed(checkpoint_folders(self.path)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if problems is not None:
+                problems.append((path, problem))
+        return None
+
     def newest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint folder (it has its manifest; not verified against it:
         `checkpoint_problem` does that), or None."""
@@ -250,6 +366,19 @@ class RunDir:
     def read_final_state(self) -> dict[str, Any] | None:
         """final_state.json of a one-shot run (`read_final_state`), or None."""
         return read_final_state(self.path)
+
+
+_MISSING = object()
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """The value of a dotted key (`pruning.target`) in a config dict, or `_MISSING`."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
 
 
 def metric(prefix: str, name: str) -> str:
@@ -298,6 +427,70 @@ def read_metrics(run_dir: str | Path, notes: list[str] | None = None) -> list[di
     return records
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """A metrics record parsed from one line, or None when the line is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+RECORD_START = b'{"step": '  # how every line MetricsWriter writes begins
+
+
+def cut_metrics(run_dir: str | Path, step: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Cut metrics.jsonl back to the records of steps up to `step` (a resumed run rewrites the later
+    ones, which a run that stopped after its checkpoint had written), losing no damaged line.
+
+    A line in the middle that is not a record (cut short, or overwritten) is moved to
+    metrics.damaged.jsonl (appended, byte for byte); when a complete record follows the cut inside
+    the same line (a line cut short without its newline), that record is kept. A half-written last
+    line (no newline: the line being written when the run stopped) is of a step after `step` and is
+    dropped like the other later lines.
+
+    Returns:
+        The records kept, in order, and a one-line note of the damaged lines set aside (or None).
+    """
+    files = RunDir(run_dir)
+    if not files.metrics.is_file():
+        return [], None
+    data = files.metrics.read_bytes()
+    lines = data.split(b"\n")
+    kept: list[tuple[bytes, dict[str, Any]]] = []
+    damaged: list[bytes] = []
+    where: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None and number == len(lines):  # no newline after it: half-written
+            continue
+        if record is None:
+            cut = line.rfind(RECORD_START)
+            record = _record(line[cut:]) if cut > 0 else None
+            damaged.append(line[:cut] if record is not None else line)
+            where.append(number)
+            if record is not None:
+                line = line[cut:]
+        if record is not None and record["step"] <= step:
+            kept.append((line, record))
+    if damaged:
+        old = files.metrics_damaged.read_bytes() if files.metrics_damaged.is_file() else b""
+        atomic_write(
+            files.metrics_damaged, lambda f: f.write(old + b"".join(d + b"\n" for d in damaged)), binary=True
+        )
+    atomic_write(files.metrics, lambda f: f.write(b"".join(line + b"\n" for line, _ in kept)), binary=True)
+    note = None
+    if damaged:
+        numbers = ", ".join(map(str, where))
+        note = (
+            f"{METRICS_FILE} line{'s' if len(where) > 1 else ''} {numbers} {'were' if len(where) > 1 else 'was'} "
+            f"damaged; moved to {METRICS_DAMAGED}, the {len(kept)} intact records up to step {step} are kept"
+        )
+    return [r for _, r in kept], note
+
+
 # --- checkpoints: names, listing, manifest -------------------------------------------------------
 
 
@@ -330,6 +523,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """Every `step_N` checkpoint folder of a run, with a manifest or not, oldest first (not the
+    `.tmp` ones a save is writing, nor the `.damaged` ones `--resume` set aside)."""
+    root = RunDir(run_dir).checkpoints
+    if not root.is_dir():
+        return []
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name)), key=checkpoint_step
+    )
+
+
 def _crc32(path: Path) -> int:
     value = 0
     with open(path, "rb") as f:
@@ -346,11 +550,18 @@ def write_manifest(folder: Path) -> None:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """What is wrong with a checkpoint folder against its manifest, or None when it is intact."""
+    """What is wrong with a checkpoint folder against its manifest, or None when it is intact.
+
+    Intact: the manifest lists files, every file it lists has its size and CRC-32, and the folder
+    holds no file it does not list (an emptied manifest vouches for nothing)."""
     try:
         entries = json.loads((path / MANIFEST).read_text())["files"]
+        if not isinstance(entries, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MANIFEST} is missing or unreadable"
+    if not entries:
+        return f"its {MANIFEST} lists no files"
     for name, entry in entries.items():
         file = path / name
         if not file.is_file():
@@ -359,6 +570,10 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} has {file.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
         if _crc32(file) != entry["crc32"]:
             return f"{name} does not match its checksum"
+    unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    unlisted = [name for name in unlisted if name not in entries]
+    if unlisted:
+        return f"{unlisted[0]} is not in its {MANIFEST}"
     return None
 
 

@@ -11,8 +11,9 @@ Layout of `RUN_DIR/checkpoints/step_000100/`:
 A checkpoint is written into `step_000100.tmp/`, every file is fsynced, the manifest is written
 last, and the folder is renamed when complete. A checkpoint counts as complete when it has its
 manifest; `--resume` verifies the newest against it and, when that one is damaged (a file
-truncated, missing or changed), says so, moves it aside as `step_N.damaged` and falls back to the
-newest intact one. The newest `keep` checkpoints stay.
+truncated, missing, changed or unlisted, or the manifest itself lost), says so, moves it aside as
+`step_N.damaged` and falls back to the newest intact one; with none intact it refuses
+(`sheared.train.setup.open_run_dir`). The newest `keep` checkpoints stay.
 
 The names, the listing, the manifest and the read-only loading for export live with the run
 directory (`sheared.run_dir`); this module writes checkpoints and resumes from them, across ranks.
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
@@ -64,6 +66,7 @@ __all__ = [
     "newest_intact_checkpoint",
     "remove_leftovers",
     "save_checkpoint",
+    "set_aside",
     "write_manifest",
 ]
 
@@ -77,23 +80,47 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that matches its manifest; newer damaged ones are reported on stderr
-    and moved aside (`step_N.damaged`) so that they are never mistaken for complete ones."""
-    for path in reversed(list_checkpoints(run_dir)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
+def newest_intact_checkpoint(
+    run_dir: str | Path, problems: list[tuple[Path, str]] | None = None
+) -> Path | None:
+    """The newest checkpoint that matches its manifest (`RunDir.intact_checkpoint`).
+
+    When there is one, the newer damaged ones (a `step_N` folder without its manifest included) are
+    set aside (`set_aside`). When there is none, nothing is moved, and what is wrong with each
+    checkpoint is appended to `problems`.
+    """
+    found: list[tuple[Path, str]] = []
+    path = RunDir(run_dir).intact_checkpoint(found)
+    if path is None:
+        if problems is not None:
+            problems.extend(found)
+        return None
+    set_aside(found, path)
+    return path
+
+
+def set_aside(damaged: list[tuple[Path, str]], resumed: Path) -> None:
+    """Move damaged checkpoints aside (`step_N.damaged`, never over an earlier one) so that they are
+    never mistaken for complete ones, one line on stderr each; every rank calls this."""
+    for path, problem in damaged:
         if _is_main():
-            aside = path.with_name(path.name + DAMAGED_SUFFIX)
-            shutil.rmtree(aside, ignore_errors=True)
+            aside = _free_name(path.with_name(path.name + DAMAGED_SUFFIX))
             os.replace(path, aside)
             print(
-                f"sheared: checkpoint {path.name} is damaged ({problem}); moved to {aside.name}",
+                f"sheared: checkpoint {path.name} is damaged ({problem}); moved to {aside.name}, "
+                f"resuming from {resumed.name}",
                 file=sys.stderr,
             )
         _barrier()
-    return None
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... when it is taken (an earlier damaged copy is never replaced)."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}-{n}")
+    return free
 
 
 def remove_leftovers(run_dir: str | Path, keep: int) -> None:
@@ -159,14 +186,28 @@ def _disk_error(e: Exception, path: Path, needed: int) -> Exception:
 
 
 def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load a checkpoint in place into `module` and `optimizer`; returns its trainer state."""
+    """Load a checkpoint in place into `module` and `optimizer`; returns its trainer state.
+
+    Raises:
+        UserError: the checkpoint has no manifest, or matches it but cannot be loaded (one line).
+    """
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path} is not a complete checkpoint (no {MANIFEST})")
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error in a BaseException
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        reason = ": ".join([type(cause).__name__, *str(cause).strip().splitlines()[:1]])[:200]
+        raise UserError(
+            f"checkpoint {path} matches its {MANIFEST} but cannot be loaded ({reason}); "
+            "it was damaged before its manifest was written, or written by another config: move it aside "
+            "to resume from an earlier one, or start again with --restart"
+        ) from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return json.loads((path / TRAINER_STATE).read_text())
+    return trainer_state

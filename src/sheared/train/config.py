@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -82,8 +83,8 @@ class OptimConfig:
     implementation did (only to reproduce it: the lambdas' gradients then shrink the model's)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise UserError(f"optim.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"optim.lr must be a positive number, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.warmup_fraction <= 1:
@@ -235,14 +236,22 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
             raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise UserError(f"distill.temperature must be positive, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"distill.temperature must be a positive number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"distill.top_k must be at least 1 (or null), got {self.top_k}")
 
     @property
     def enabled(self) -> bool:
         return self.teacher != "none"
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse a `top_k` larger than the model's vocabulary (when distilling)."""
+        if self.enabled and self.top_k is not None and self.top_k > vocab_size:
+            raise UserError(
+                f"distill.top_k is {self.top_k} but the vocabulary has {vocab_size} tokens; choose at most "
+                f"{vocab_size}, or null for the whole vocabulary"
+            )
 
 
 @dataclass
@@ -274,7 +283,8 @@ class LoopConfig:
     """`torch.compile` every decoder layer (masks stay tensor inputs, so one graph serves every step);
     measured on CPU in docs/benchmarks.md (off by default: see there)."""
     dead_steps: int = 20
-    """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps (0: never)."""
+    """Warn when the loss sits at ln(vocabulary) with a zero gradient for this many steps, or for 20% of
+    the run when that is shorter (at least 2); a run that ends so exits with code 2 (0: never)."""
     loss_chunk_tokens: int | None = None
     """Tokens per chunk of the fused loss: the output projection, softmax and their gradient run on
     this many tokens at a time, so no (tokens, vocabulary) tensor of the whole batch is ever held;

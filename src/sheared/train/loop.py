@@ -65,6 +65,7 @@ from sheared.train.setup import (
     evaluate,
     initial_sampler,
     load_run_inputs,
+    open_run_dir,
     resolve_run,
 )
 from sheared.train.teacher import load_teacher
@@ -131,17 +132,29 @@ def mask_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
 
 
 def run(
-    cfg: PruneConfig | TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: PruneConfig | TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
 ) -> RunResult:
-    """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`."""
+    """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`.
+
+    `resume`: continue the run there from its newest intact checkpoint (a finished run is left as it
+    is); `restart`: move the run there aside to `RUN.replaced-N/` and start again (`open_run_dir`).
+    """
     resolved = resolve_run(cfg)
-    env = resolved.env
+    env, files = resolved.env, rf.RunDir(run_dir)
     try:
+        opening = open_run_dir(cfg, files, env, resume=resume, restart=restart)
+        if opening.finished is not None:
+            return opening.finished
         if env.is_main and progress:
             print(f"precision: {resolved.precision.describe()}", flush=True)
         if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
-            return run_oneshot(cfg, rf.RunDir(run_dir), resolved, resume, progress and env.is_main)
-        state = set_up(cfg, rf.RunDir(run_dir), resolved, resume)
+            return run_oneshot(cfg, files, resolved, resume, progress and env.is_main)
+        state = set_up(cfg, files, resolved, opening.checkpoint)
         if env.is_main and progress:
             print(f"data stream: {state.resolved.stream_start}", flush=True)
         return _train(state, progress and env.is_main)
@@ -155,6 +168,10 @@ def _train(state: RunState, progress: bool) -> RunResult:
     metrics = MetricsWriter(
         state.files.path, enabled=state.env.is_main, resume_step=state.step if state.resumed else None
     )
+    for before in metrics.kept if state.dead_run is not None else []:  # a resumed run: how long dead
+        state.dead_run.observe(
+            before["step"], _watched_loss(state, before), float(before["grad_norm"]), quiet=True
+        )
     bar = tqdm(
         total=loop.steps, initial=state.step, disable=not progress, desc="prune" if pruning else "train"
     )
@@ -175,6 +192,10 @@ def _train(state: RunState, progress: bool) -> RunResult:
     if pruning:
         save_masks(state)
     barrier(state.env)
+    # every rank decides together (after a resume only rank 0 replayed how long the run was dead)
+    ended_dead = state.dead_run is not None and state.dead_run.ended_dead()
+    if all_reduce_sum([float(ended_dead)], state.env)[0] > 0 and state.dead_run is not None:
+        raise DeadRunError(state.dead_run.ended_line(state.files.path, state.cfg.optim.lr))
     return RunResult(
         run_dir=state.files.path,
         steps=loop.steps,
@@ -187,10 +208,13 @@ def _train(state: RunState, progress: bool) -> RunResult:
 # --- 1. set-up -------------------------------------------------------------------------------------
 
 
-def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved, resume: bool) -> RunState:
-    """Everything a run needs before its first step, resumed from the newest checkpoint if asked."""
+def set_up(
+    cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved, checkpoint: Path | None = None
+) -> RunState:
+    """Everything a run needs before its first step, resumed from `checkpoint` (`open_run_dir` chose
+    it) when given."""
     loop, pruning, env = cfg.train, isinstance(cfg, PruneConfig), resolved.env
-    files.check_fresh(resume)
+    resume = checkpoint is not None
     inputs = load_run_inputs(cfg, files, resolved, resume=resume, progress=env.is_main)
     source, data, resolved = inputs.source, inputs.data, inputs.resolved
     model, model_path, precision = source.model, source.path, resolved.precision
@@ -201,7 +225,7 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved,
         p = cfg.pruning
         l0 = TargetController.make_l0(p.controller, model.args, resolved.target).to(env.device)
         l0.reset_parameters(torch.Generator().manual_seed(loop.seed))
-        if p.scoring is not None and not (resume and ckpt.list_checkpoints(files.path)):
+        if p.scoring is not None and not resume:
             _initialise_masks(cfg, l0, model, data, resolved, files, inputs.scored)
         controller = TargetController(l0, p.controller, round(p.lagrangian_warmup_fraction * loop.steps))
         controller.start()  # a resumed run's checkpoint replaces what it sets
@@ -235,9 +259,9 @@ def set_up(cfg: PruneConfig | TrainConfig, files: rf.RunDir, resolved: Resolved,
         accumulation_steps=loop.accumulation_steps(env.world_size),
         teacher=teacher,
         controller=controller,
-        dead_run=DeadRunGuard(loop.dead_steps, math.log(model.args.vocab_size)),
+        dead_run=DeadRunGuard(loop.dead_steps, loop.steps, math.log(model.args.vocab_size), env.is_main),
     )
-    _resume_or_start(state, resume, previous)
+    _resume_or_start(state, checkpoint, previous)
     return state
 
 
@@ -262,19 +286,13 @@ def _initialise_masks(
         save_scores(files.scores, scores, model.args, info)
 
 
-def _resume_or_start(state: RunState, resume: bool, previous: dict[str, Any]) -> None:
-    """Load the newest intact checkpoint into `state`, or measure the reference losses of a new run.
+def _resume_or_start(state: RunState, checkpoint: Path | None, previous: dict[str, Any]) -> None:
+    """Load `checkpoint` into `state`, or (None) measure the reference losses of a new run.
 
     Nothing in the run directory changes before the checkpoint has loaded and matched the config.
     """
     files, env = state.files, state.env
-    checkpoint = ckpt.newest_intact_checkpoint(files.path) if resume else None
     if checkpoint is None:
-        if resume and env.is_main:
-            print(
-                f"sheared: {files.path} holds no complete checkpoint; starting it again from step 0",
-                file=sys.stderr,
-            )
         reference = read_reference_losses(state.cfg.data.reference_losses, state.domains, previous)
         # `source`: the model's own loss before any training, unmasked, on the split DBL compares
         decision = state.data.decision_split
@@ -339,10 +357,19 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
         clipped += [l0] + ([state.lagrangian] if state.lagrangian is not None else [])
     grad_norm = _clip(clipped, cfg.optim.grad_clip)
     lm_loss, ce_loss, kd_loss = all_reduce_sum((sums / env.world_size).tolist(), env)
+    if state.dead_run is not None:
+        state.dead_run.observe(step + 1, ce_loss if state.teacher is not None else lm_loss, grad_norm)
     _stop_if_diverged(
         state, step + 1, {"loss": lm_loss, "Lagrangian": float(lag_loss.detach()), "gradient norm": grad_norm}
     )
-    state.optimizer.step()
+    try:
+        state.optimizer.step()
+    except RuntimeError as e:  # a finite gradient times a huge learning rate: beyond float32
+        if "overflow" not in str(e):
+            raise
+        raise _divergence(
+            state, step + 1, f"the optimizer step overflows ({str(e).splitlines()[0]})"
+        ) from None
     state.optimizer.zero_grad(set_to_none=True)
     if state.controller is not None and not hard:
         state.controller.after_step(step)
@@ -364,9 +391,14 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     if l0 is not None:
         record.update(_mask_record(state, target, lag_parts))
     record.update({rf.metric(rf.DOMAIN_WEIGHT, d): w for d, w in zip(state.domains, state.sampler.weights)})
-    if state.dead_run is not None and env.is_main:
-        state.dead_run.check(step + 1, ce_loss if state.teacher is not None else lm_loss, grad_norm)
     return record
+
+
+def _watched_loss(state: RunState, record: dict[str, Any]) -> float:
+    """The loss the dead-run guard watches in a metrics record: the data loss (CE when distilling)."""
+    return float(
+        record["ce_loss"] if state.teacher is not None and "ce_loss" in record else record["lm_loss"]
+    )
 
 
 def _micro_batch_loss(state: RunState, ids: torch.Tensor, masks: Masks | None) -> LossParts:
@@ -404,43 +436,105 @@ class DivergenceError(UserError):
     """The run produced a non-finite loss or gradient; it stopped before writing anything of it."""
 
 
+class DeadRunError(UserError):
+    """The run ended with a dead model (uniform predictions, zero gradient); its files stay."""
+
+
 def _stop_if_diverged(state: RunState, step: int, values: dict[str, float]) -> None:
     """Raise `DivergenceError` (one line, exit 2) naming the first non-finite value, if any."""
     bad = {name: v for name, v in values.items() if not math.isfinite(v)}
-    if not bad:
-        return
-    name, value = next(iter(bad.items()))
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise _divergence(state, step, f"the {name} is {value}")
+
+
+def _divergence(state: RunState, step: int, what: str) -> DivergenceError:
+    """The `DivergenceError` of what went wrong at the 1-based `step`, naming the checkpoint to go back
+    to (the newest whose weights still gave a finite, live loss; a dead or non-finite one is no use)."""
+    lr = f"optim.lr (now {state.cfg.optim.lr:g})"
     checkpoints = ckpt.list_checkpoints(state.files.path)
-    last = (
-        f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-    )
-    raise DivergenceError(
-        f"step {step}: the {name} is {value}; the run stopped and wrote nothing from this step ({last}); "
-        f"lower optim.lr (now {state.cfg.optim.lr:g}) and start again, or resume with --resume and a lower lr"
-    )
+    good = state.dead_run.last_good(checkpoints) if state.dead_run is not None else None
+    if not checkpoints:
+        where = f"no checkpoint was written yet; start again with a lower {lr}"
+    elif good is None:
+        where = (
+            f"no checkpoint is good: the loss after each was non-finite or dead (newest {checkpoints[-1].name}); "
+            f"start again with a lower {lr}, with --restart or in another --run-dir"
+        )
+    elif good == checkpoints[-1]:
+        where = (
+            f"the last checkpoint with a finite, non-dead loss is {good}; --resume from it with a lower {lr}"
+        )
+    else:
+        newer = ", ".join(c.name for c in checkpoints[checkpoints.index(good) + 1 :])
+        where = (
+            f"the last checkpoint with a finite, non-dead loss is {good}; the newer {newer} came after the damage: "
+            f"move them aside to --resume from it with a lower {lr}"
+        )
+    return DivergenceError(f"step {step}: {what}; the run stopped and wrote nothing from this step ({where})")
 
 
 class DeadRunGuard:
-    """Warns once when the loss sits at ln V (uniform predictions) with a zero gradient for N steps:
-    a run whose weights were destroyed (e.g. by a huge learning rate) but that is not NaN."""
+    """Watches for a dead run: the loss at ln V (uniform predictions) with a zero gradient, a run whose
+    weights were destroyed (e.g. by a huge learning rate) but that is not NaN.
+
+    Warns once when the run has been dead for `threshold` steps: `train.dead_steps`, or `FRACTION`
+    of the run when that is shorter (a short run is over before 20 dead steps), at least
+    `MIN_STEPS`; 0 never. `ended_dead()` tells whether the run ends so (the loop then exits non-zero).
+    It also remembers which steps had a finite, live loss: the checkpoint before such a step is good.
+    """
 
     LOSS_TOLERANCE = 1e-3  # nats from ln V
     GRAD_TOLERANCE = 1e-8
+    FRACTION = 0.2  # of the run's steps
+    MIN_STEPS = 2  # one flat step is not yet a dead run
 
-    def __init__(self, steps: int, uniform_loss: float):
-        self.steps, self.uniform_loss, self.count, self.warned = steps, uniform_loss, 0, False
+    def __init__(self, dead_steps: int, total_steps: int, uniform_loss: float, report: bool = True):
+        self.threshold = (
+            0
+            if dead_steps == 0
+            else max(self.MIN_STEPS, min(dead_steps, math.ceil(self.FRACTION * total_steps)))
+        )
+        self.uniform_loss, self.report = uniform_loss, report
+        self.count, self.warned = 0, False
+        self.alive: dict[int, bool] = {}  # 1-based step -> its loss was finite and not dead
 
-    def check(self, step: int, loss: float, grad_norm: float) -> None:
-        dead = abs(loss - self.uniform_loss) < self.LOSS_TOLERANCE and grad_norm < self.GRAD_TOLERANCE
+    def observe(self, step: int, loss: float, grad_norm: float, quiet: bool = False) -> None:
+        """Record the loss and gradient norm of the 1-based `step`; warn (once) when the run is dead."""
+        # a non-finite gradient is no sign of life either
+        dead = abs(loss - self.uniform_loss) < self.LOSS_TOLERANCE and not grad_norm >= self.GRAD_TOLERANCE
+        self.alive[step] = math.isfinite(loss) and not dead
         self.count = self.count + 1 if dead else 0
-        if self.steps and self.count >= self.steps and not self.warned:
+        if self.ended_dead() and not self.warned and not quiet:
             self.warned = True
-            print(
-                f"\nsheared: warning: step {step}: the loss has been {loss:.4f} = ln(vocabulary) with a zero "
-                f"gradient for {self.count} steps: the model predicts uniformly and no longer learns (a too "
-                "high learning rate?); stop it and start again with a lower optim.lr",
-                file=sys.stderr,
-            )
+            if self.report:
+                print(
+                    f"\nsheared: warning: step {step}: the loss has been {loss:.4f} = ln(vocabulary) with a zero "
+                    f"gradient for {self.count} steps: the model predicts uniformly and no longer learns (a too "
+                    "high learning rate?); stop it and start again with a lower optim.lr",
+                    file=sys.stderr,
+                )
+
+    def ended_dead(self) -> bool:
+        """Whether the steps observed so far end in `threshold` or more dead ones."""
+        return bool(self.threshold) and self.count >= self.threshold
+
+    def last_good(self, checkpoints: list[Path]) -> Path | None:
+        """The newest of `checkpoints` whose weights gave a finite, live loss at the next step."""
+        for path in reversed(checkpoints):
+            if self.alive.get(rf.checkpoint_step(path) + 1):
+                return path
+        return None
+
+    def ended_line(self, run_dir: Path, lr: float) -> str:
+        """The one line of a run that ended dead."""
+        last = max(self.alive)
+        return (
+            f"the run ended dead: from step {last - self.count + 1} to its last step {last} the loss was "
+            f"{self.uniform_loss:.4f} = ln(vocabulary) with a zero gradient (the model predicts uniformly); its "
+            f"files stay in {run_dir}; start again with a lower optim.lr (now {lr:g}), with --restart or in "
+            "another --run-dir"
+        )
 
 
 def _hardening(state: RunState, step: int) -> bool:

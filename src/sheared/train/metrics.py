@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from sheared.files import atomic_write_lines
-from sheared.run_dir import RunDir, read_metrics
+from sheared.run_dir import RunDir, cut_metrics
 
 
 def _clean(value: Any) -> Any:
@@ -24,7 +24,8 @@ class MetricsWriter:
         run_dir: the run directory.
         enabled: False on ranks other than 0.
         resume_step: when resuming, lines of later steps (written after the checkpoint by a
-            run that then crashed) are dropped so the file has each step once.
+            run that then crashed) are dropped so the file has each step once; damaged lines are
+            moved to metrics.damaged.jsonl, with a line on stderr (`cut_metrics`).
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
@@ -32,11 +33,14 @@ class MetricsWriter:
         files = RunDir(run_dir)
         self.path = files.metrics
         self._tb = None
+        self.kept: list[dict[str, Any]] = []
+        """The records of the steps before a resumed run's first (main rank)."""
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_metrics(files.path) if r["step"] <= resume_step]
-            atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
+            self.kept, note = cut_metrics(files.path, resume_step)
+            if note is not None:
+                print(f"sheared: {note}", file=sys.stderr, flush=True)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed by close())

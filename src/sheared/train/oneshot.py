@@ -29,14 +29,9 @@ from sheared.train.setup import Resolved, RunResult, evaluate, initial_sampler, 
 def run_oneshot(
     cfg: PruneConfig, files: rf.RunDir, resolved: Resolved, resume: bool, progress: bool
 ) -> RunResult:
-    """Score, select the exact target, evaluate and write the run directory."""
+    """Score, select the exact target, evaluate and write the run directory (`open_run_dir` already
+    decided that the run starts here: a finished one is never done again)."""
     env = resolved.env
-    done = files.read_final_state() if resume and files.finished() else None
-    if done is not None:
-        print(f"one-shot run {files.path} is complete; nothing to resume")
-        return _result(files.path, done, done.get("eval_losses", {}))
-    if not resume:
-        files.check_fresh(resume)
     if env.is_main:
         files.path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

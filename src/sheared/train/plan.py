@@ -299,6 +299,8 @@ def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> s
     pruning = isinstance(cfg, PruneConfig)
     loop = cfg.train
     args, where = _source_args(cfg.source_spec, cfg.shape_config, getattr(cfg, "source_init", None))
+    if args is not None:
+        cfg.distill.check_vocabulary(args.vocab_size)
     lines = [f"{'prune' if pruning else 'train'} plan", *_source_lines(cfg, args, where)]
     data_lines, seq_len, num_domains = _data_lines(cfg, cfg.data.seq_len)
     one_shot = pruning and cfg.pruning.one_shot

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sheared.config import config_to_dict
 from sheared.data.dbl import weights_by_domain, weights_proportional_to
 from sheared.data.prepare import ensure_prepared
 from sheared.data.sampler import DomainMixtureSampler
@@ -28,7 +30,8 @@ from sheared.precision import Precision
 from sheared.pruning.importance import Scores, select_masks
 from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE, TargetSearch, search_target, table
 from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
-from sheared.run_dir import RunDir
+from sheared.run_dir import RunDir, checkpoint_step, read_metrics, read_trainer_state
+from sheared.train import checkpoint as ckpt
 from sheared.train.calibration import calibration_items, compute_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
@@ -44,6 +47,104 @@ class RunResult:
     final_loss: float
     eval_losses: dict[str, float]
     domain_weights: dict[str, float]
+    ran: bool = True
+    """False when the run was finished before and nothing ran (`--resume` of a finished run)."""
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What `open_run_dir` decided before anything loads: resume from `checkpoint`, report the
+    `finished` run as it is, or (both None) start at step 0."""
+
+    checkpoint: Path | None = None
+    finished: RunResult | None = None
+
+
+def open_run_dir(
+    cfg: PruneConfig | TrainConfig, files: RunDir, env: DistEnv, *, resume: bool, restart: bool
+) -> Opening:
+    """What a run does with its directory, decided before anything loads or is written.
+
+    - `restart`: an earlier run's files move aside to `RUN.replaced-N/` (never deleted); step 0.
+    - a new run: refused over a folder that holds a run (`RunDir.check_fresh`).
+    - `resume`: refused when the config would make another run (`RunDir.check_resume`); a finished
+      run is left as it is (a line says so); an unfinished one-shot run is done again (it has no
+      checkpoint); otherwise the newest intact checkpoint, the damaged newer ones set aside with a
+      line each. A run with no intact checkpoint is refused in one line: only `--restart` or another
+      `--run-dir` starts it again, so a finished run is never overwritten.
+    """
+    if resume and restart:
+        raise UserError("--resume continues the run in --run-dir and --restart moves it aside; pass one")
+    if restart:
+        if env.is_main and (aside := files.move_aside()) is not None:
+            print(f"sheared: moved the earlier run in {files.path} to {aside}; starting again from step 0")
+        barrier(env)
+        return Opening()
+    if not resume or not (files.is_run() or files.holds_run()):
+        files.check_fresh(resume=False)
+        return Opening()
+    files.check_resume(config_to_dict(cfg))
+    one_shot = files.kind() == "oneshot"
+    if files.finished(None if one_shot else cfg.train.steps):
+        if env.is_main:
+            print(f"{files.path} holds a finished run ({_steps_done(files, one_shot)}); nothing to resume")
+        return Opening(finished=finished_result(files))
+    if one_shot:
+        return Opening()
+    damaged: list[tuple[Path, str]] = []
+    checkpoint = files.intact_checkpoint(damaged)
+    if checkpoint is None:
+        raise UserError(_nothing_to_resume(files, damaged))
+    if checkpoint_step(checkpoint) > cfg.train.steps:
+        raise UserError(
+            f"the run in {files.path} is at step {checkpoint_step(checkpoint)} ({checkpoint.name}), past "
+            f"train.steps={cfg.train.steps}; resume with at least {checkpoint_step(checkpoint)} steps"
+        )
+    ckpt.set_aside(damaged, checkpoint)
+    return Opening(checkpoint=checkpoint)
+
+
+def _steps_done(files: RunDir, one_shot: bool) -> str:
+    if one_shot:
+        return "one-shot pruning: masks and final state"
+    step = checkpoint_step(files.newest_checkpoint())
+    return f"step {step} of {step}{', final masks' if files.masks.is_file() else ''}"
+
+
+def _nothing_to_resume(files: RunDir, damaged: list[tuple[Path, str]]) -> str:
+    """The one line refusing to resume a run with no intact checkpoint."""
+    if damaged:
+        why = "; ".join(f"{path.name}: {problem}" for path, problem in damaged[:3])
+        why += f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+    elif files.masks.is_file():
+        why = "its checkpoints are gone"
+    else:
+        why = "it stopped before its first checkpoint"
+    ended = " finished (its final masks are there) but" if files.masks.is_file() else ""
+    return (
+        f"the run in {files.path}{ended} holds no intact checkpoint to resume from ({why}); pass --restart "
+        f"to move its files to {files.replaced_dir().name} and start again from step 0, or choose another --run-dir"
+    )
+
+
+def finished_result(files: RunDir) -> RunResult:
+    """What a finished run reports, read from its files (final state, newest checkpoint, metrics)."""
+    if files.kind() == "oneshot":
+        state = files.read_final_state() or {}
+        return RunResult(
+            files.path, 0, math.nan, state.get("eval_losses", {}), state.get("domain_weights", {}), False
+        )
+    try:
+        saved = read_trainer_state(files.newest_checkpoint())
+        records = read_metrics(files.path)
+    except (OSError, ValueError):  # a damaged trainer state or metrics line: report what is known
+        saved, records = {}, []
+    history = saved.get("history") or [{}]
+    weights = dict(zip(saved.get("domains", []), (saved.get("sampler") or {}).get("weights", [])))
+    final_loss = float(records[-1].get("lm_loss", math.nan)) if records else math.nan
+    return RunResult(
+        files.path, saved.get("step", 0), final_loss, history[-1].get("eval_loss", {}), weights, False
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +225,7 @@ def load_model_and_data(cfg: PruneConfig | TrainConfig, resolved: Resolved) -> t
         source = load_sharded(spec, env, cfg.distributed.activation_checkpointing, resolved.precision)
     else:
         source = load_source(spec, device=env.device)
+    cfg.distill.check_vocabulary(source.args.vocab_size)
     if env.is_main:
         ensure_prepared(cfg.data.path, cfg.data.auto_prepare, source.tokenizer, spec)
     barrier(env)
