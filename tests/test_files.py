@@ -145,7 +145,8 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(files.os, "replace", fail_second)
-    with pytest.raises(OSError, match="No space"), publish_dir(dest, replace=True) as tmp:
+    no_space = pytest.raises(files.DiskError, match=f"cannot write {dest}: No space")
+    with no_space, publish_dir(dest, replace=True) as tmp:
         (tmp / "a.txt").write_text("new")
     assert (dest / "a.txt").read_text() == "old"
     assert _siblings(dest) == ["out"]

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sheared.files import atomic_write_lines
+from sheared.files import atomic_write_lines, guard_writes
 from sheared.run_dir import RunDir, read_metrics
 
 
@@ -50,8 +50,9 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        with guard_writes(self.path):  # a full disk: one line, the lines already written stay
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
