@@ -198,7 +198,8 @@ class TokenFileWriter:
 
     def abort(self) -> None:
         """Close and remove the temporary file (nothing of it stays on disk)."""
-        self._file.close()
+        with contextlib.suppress(OSError):  # flushing what a full disk refused fails again; it closes anyway
+            self._file.close()
         with contextlib.suppress(OSError):
             self.tmp_path.unlink(missing_ok=True)
 
