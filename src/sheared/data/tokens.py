@@ -231,6 +231,13 @@ def file_sha256(path: str | Path) -> str:
     return scan_token_file(path, None)[0]
 
 
+def largest_token_id(path: str | Path, dtype: np.dtype) -> int:
+    """The largest token id in a token file (-1 when empty), read once through a memory map."""
+    if Path(path).stat().st_size == 0:
+        return -1
+    return int(np.memmap(path, dtype=dtype, mode="r").max())
+
+
 def scan_token_file(path: str | Path, dtype: np.dtype | None) -> tuple[str, int]:
     """(sha256 hex, largest token id or -1) of a token file, read once in blocks; without a `dtype` the
     largest id is not computed (-1)."""
@@ -316,7 +323,7 @@ def _check_token_file(path: Path, entry: dict[str, Any], metadata: dict[str, Any
             )
         largest = scanned if largest is None else largest
     elif largest is None:
-        largest = int(np.memmap(path, dtype=dtype, mode="r").max()) if path.stat().st_size else -1
+        largest = largest_token_id(path, dtype)
     vocab_size = metadata["tokenizer"]["vocab_size"]
     if largest >= vocab_size:
         raise UserError(
