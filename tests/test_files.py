@@ -218,3 +218,16 @@ def test_guard_writes_names_the_path_and_passes_other_errors(tmp_path):
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, files.UserError)
     with pytest.raises(KeyError), files.guard_writes(tmp_path / "out"):
         raise KeyError("not a disk problem")
+
+
+def test_a_disk_error_survives_pickling(tmp_path):
+    import pickle
+
+    error = files.DiskError(tmp_path / "x", errno.EROFS)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.path, copy.errno, type(copy)) == (
+        str(error),
+        tmp_path / "x",
+        errno.EROFS,
+        files.DiskError,
+    )

@@ -342,25 +342,42 @@ class DiskError(UserError):
             )
         super().__init__(f"cannot write {target}: {detail}; nothing was replaced; {advice}")
 
+    def __reduce__(self):  # pickled whole (to another rank or process), not rebuilt from the message alone
+        return _disk_error_from, (str(self), self.path, self.errno, self.needed)
+
+
+def _disk_error_from(message: str, path: Path, code: int, needed: int | None) -> DiskError:
+    error = DiskError.__new__(DiskError)
+    UserError.__init__(error, message)
+    error.path, error.errno, error.needed = path, code, needed
+    return error
+
 
 def as_disk_error(
-    error: BaseException, path: str | Path, needed: int | None = None, **words: Any
+    error: BaseException, path: str | Path, needed: int | Callable[[], int] | None = None, **words: Any
 ) -> DiskError | None:
     """`error` as a DiskError about `path` when it is a failure for lack of space or permission (an
-    inner DiskError is kept: it names the file more precisely); else None. `words`: `what`, `up_to`."""
+    inner DiskError is kept: it names the file more precisely); else None. `needed` may be a function,
+    called only then; `words`: `what`, `up_to`."""
     if isinstance(error, DiskError):
         return error
     code = disk_errno(error)
-    return None if code is None else DiskError(path, code, needed, **words)
+    if code is None:
+        return None
+    return DiskError(path, code, needed() if callable(needed) else needed, **words)
 
 
 @contextmanager
 def guard_writes(
-    path: str | Path, *, needed: int | None = None, what: str | None = None, up_to: bool = False
+    path: str | Path,
+    *,
+    needed: int | Callable[[], int] | None = None,
+    what: str | None = None,
+    up_to: bool = False,
 ) -> Iterator[None]:
     """Turn a failure for lack of space or permission inside the block into one `DiskError` about
-    `path` (see `DiskError` for the other arguments); other errors pass unchanged. Cleaning up after
-    the failure stays with the block."""
+    `path` (see `DiskError` for the other arguments; `needed` may be a function, called only on a full
+    disk); other errors pass unchanged. Cleaning up after the failure stays with the block."""
     try:
         yield
     except BaseException as e:

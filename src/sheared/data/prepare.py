@@ -280,7 +280,8 @@ def _prepare_domain(
     paths = {split: out / token_file_name(name, split) for split in splits}
     started, dtype = time.perf_counter(), token_dtype(vocab_size)
     files = f"the token files of domain {name!r} in {out}"
-    with guard_writes(out, needed=_token_bytes_bound(texts, cfg, dtype), what=files, up_to=True):
+    bound = lambda: _token_bytes_bound(texts, cfg, dtype)  # noqa: E731 (worked out only on a full disk)
+    with guard_writes(out, needed=bound, what=files, up_to=True):
         return _pack_domain(name, cfg, texts, paths, vocab_size, encoder, progress, started)
 
 
