@@ -4,6 +4,7 @@ nothing reads is refused before anything runs; a file from before fingerprints i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,10 +15,12 @@ import torch
 
 from sheared.cli import main
 from sheared.data.tokens import METADATA_FILE, PreparedData
+from sheared.errors import UserError
 from sheared.model.loading import weights_fingerprint
 from sheared.model.random_source import SourceInit, ensure_source
 from sheared.run_dir import load_masks
-from sheared.train.calibration import calibration_fingerprint
+from sheared.train.calibration import calibration_fingerprint, check_scores_option
+from sheared.train.config import PruningConfig
 from sheared.train.loop import run
 
 SMALL = ["data.max_eval_sequences=2", "pruning.calibration=4"]
@@ -145,11 +148,16 @@ def test_non_finite_scores_a_folder_and_an_unused_option_are_refused(scored, tin
         f"({scored / 'scores.pt'} is there)"
     )
     argv = _prune(tiny_assets, tmp_path / "run", "pruning.method=l0", "pruning.init=uniform")
-    err = _refused([*argv, f"pruning.scores={scored / 'scores.pt'}"], capsys)
-    assert err == (
+    unused = (
         "pruning.scores is given but nothing uses scores: method l0 with init uniform learns its masks from a "
         "uniform start; drop pruning.scores, or set pruning.init to activation, magnitude or oneshot"
     )
+    assert _refused([*argv, f"pruning.scores={scored / 'scores.pt'}"], capsys) == unused
+    assert _refused([*argv, f"pruning.scores={scored / 'scores.pt'}", "--dry-run"], capsys) == unused
+    budget = PruningConfig(target={"params_fraction": 0.5}, scores=str(scored / "scores.pt"))
+    check_scores_option(budget)  # a budget's loss search ranks its candidates by them
+    with pytest.raises(UserError, match="nothing uses scores"):
+        check_scores_option(dataclasses.replace(budget, search="rule"))
     assert _bytes(scored, tmp_path / "nan.pt") == before
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
