@@ -254,8 +254,10 @@ def test_open_refuses_an_id_outside_the_vocabulary_in_data_prepared_before_it_wa
             del split["max_token_id"]  # as data prepared by an older sheared
     metadata["domains"]["a"]["splits"]["train"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (prepared / METADATA_FILE).write_text(json.dumps(metadata))
+    before = {f.name: f.read_bytes() for f in prepared.rglob("*") if f.is_file()}
     with pytest.raises(UserError) as e:
         PreparedData.open(prepared, verify=verify)
+    assert {f.name: f.read_bytes() for f in prepared.rglob("*") if f.is_file()} == before
     assert str(e.value) == (
         f"{path} holds token id 47, outside the tokenizer's vocabulary of 42 ids: the file is damaged or was "
         "prepared with another tokenizer; delete it and run `sheared data prepare` again"
