@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 import pytest
 
 from sheared import files
@@ -145,7 +149,8 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(files.os, "replace", fail_second)
-    with pytest.raises(OSError, match="No space"), publish_dir(dest, replace=True) as tmp:
+    no_space = pytest.raises(files.DiskError, match=f"cannot write {dest}: No space")
+    with no_space, publish_dir(dest, replace=True) as tmp:
         (tmp / "a.txt").write_text("new")
     assert (dest / "a.txt").read_text() == "old"
     assert _siblings(dest) == ["out"]
@@ -162,3 +167,67 @@ def test_atomic_write_json_leaves_no_temporary_file(tmp_path):
     path = atomic_write_json(tmp_path / "a" / "x.json", {"é": 1}, indent=1)
     assert path.read_text(encoding="utf-8") == '{\n "é": 1\n}\n'
     assert not files.tmp_path(path).exists()
+
+
+def test_disk_failures_are_recognised_whatever_raised_them():
+    import traceback
+
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    torch_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    raised = {
+        errno.ENOSPC: [
+            OSError(errno.ENOSPC, "No space left on device", "x.bin"),
+            torch_zip,
+            CheckpointException("ranks:dict_keys([0])", {0: (torch_zip, traceback.StackSummary())}),
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            Exception("No space left on device (os error 28)"),  # tokenizers' save
+            OSError("2359296 requested and 464528 written"),  # numpy's tofile (the GGUF writer)
+        ],
+        errno.EDQUOT: [
+            OSError(errno.EDQUOT, "Disk quota exceeded"),
+            Exception("Disk quota exceeded (os error 122)"),
+        ],
+        errno.EROFS: [OSError(errno.EROFS, "Read-only file system"), Exception("I/O error: os error 30")],
+        errno.EACCES: [PermissionError(errno.EACCES, "Permission denied")],
+    }
+    for code, errors in raised.items():
+        for error in errors:
+            assert files.disk_errno(error) == code, error
+            wrapped = RuntimeError("saving failed")
+            wrapped.__cause__ = error
+            assert files.disk_errno(wrapped) == code  # found along the chain
+            assert files.disk_problem(wrapped) == os.strerror(code)
+    for other in (
+        ValueError("bad value"),
+        RuntimeError("unexpected position"),
+        OSError(errno.ENOENT, "gone"),
+    ):
+        assert files.disk_errno(other) is None and files.disk_problem(other) is None
+
+
+def test_guard_writes_names_the_path_and_passes_other_errors(tmp_path):
+    with pytest.raises(files.DiskError) as e, files.guard_writes(tmp_path / "out", needed=3 * 2**20):
+        raise Exception("No space left on device (os error 28)")
+    assert re.fullmatch(
+        rf"cannot write {re.escape(str(tmp_path / 'out'))}: No space left on device \([\d,.]+ [KM]iB free, about "
+        r"3\.0 MiB needed\); nothing was replaced; free some space and run it again",
+        str(e.value),
+    )
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value, files.UserError)
+    with pytest.raises(KeyError), files.guard_writes(tmp_path / "out"):
+        raise KeyError("not a disk problem")
+
+
+def test_a_disk_error_survives_pickling(tmp_path):
+    import pickle
+
+    error = files.DiskError(tmp_path / "x", errno.EROFS)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.path, copy.errno, type(copy)) == (
+        str(error),
+        tmp_path / "x",
+        errno.EROFS,
+        files.DiskError,
+    )

@@ -7,9 +7,22 @@ import json
 
 import pytest
 
+from sheared.cli import main
 from sheared.config import load_config, read_yaml
+from sheared.errors import UserError
 from sheared.run_dir import read_metrics
-from sheared.study import ARMS, StudyConfig, plan_arm, prune_config, run_study, train_config
+from sheared.study import (
+    ARMS,
+    StudyConfig,
+    arm_identity,
+    check_budget,
+    check_finished_arms,
+    plan_arm,
+    planned_tokens,
+    prune_config,
+    run_study,
+    train_config,
+)
 from sheared.train.config import PruneConfig, TrainConfig
 
 
@@ -158,3 +171,131 @@ def test_seeds_sweeps_and_paired_differences(tiny_assets, tmp_path):
     assert paired["differences"]["scratch"]["seeds"] == 2
     assert scratch["train_steps"] > 0
     assert "Paired differences" in (tmp_path / "study" / "results.md").read_text()
+
+
+# --- the budget and what defines an arm (no arm runs: the refusals come first) --------------------------
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_budget_an_arm_would_overspend_is_refused_with_the_smallest_that_fits(tiny_assets, tmp_path):
+    # one step is 8 × 64 = 512 tokens; activation calibration is 8 sequences × 2 domains × 64 = 1,024
+    cfg = _config(tiny_assets, "budget_tokens=1000")
+    with pytest.raises(UserError) as e:
+        run_study(cfg, tmp_path / "study")
+    assert str(e.value) == (
+        "budget_tokens 1,000 is too small: activation would train 1,536 tokens (one step is 8 × 64 = 512 tokens; "
+        "calibration counts too); the smallest budget that fits every arm is 2,048 tokens"
+    )
+    assert not (tmp_path / "study").exists()
+    for budget, fits in (
+        (2047, False),
+        (2048, True),
+    ):  # l0-activation: calibration, a pruning and a training step
+        trial = _config(tiny_assets, f"budget_tokens={budget}")
+        if fits:
+            check_budget(trial, 64, 2)
+        else:
+            with pytest.raises(UserError, match="the smallest budget that fits every arm is 2,048 tokens"):
+                check_budget(trial, 64, 2)
+    with pytest.raises(UserError, match=r"scratch would train 512 tokens .* fits every arm is 512 tokens"):
+        check_budget(_config(tiny_assets, "budget_tokens=300", "arms=[scratch]"), 64, 2)
+    sweep = _config(tiny_assets, "budget_tokens=1024", "arms=[scratch]", "scratch_lr=[1e-3,3e-3]")
+    with pytest.raises(UserError, match=r"the scratch learning-rate sweep needs one step .* is 2,046 tokens"):
+        check_budget(sweep, 64, 2)  # a quarter of the budget for each rate: round(2,046 / 4) = 512 tokens
+
+
+def _finish(done, result) -> None:
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps(result))
+
+
+def test_a_finished_arm_made_with_another_budget_target_batch_or_fraction_is_refused(
+    tiny_assets, tmp_path, capsys
+):
+    old = _config(tiny_assets, "arms=[magnitude,l0-uniform]")
+    out = tmp_path / "study"
+    for label in ("magnitude", "l0-uniform"):
+        _finish(
+            out / label / "seed-0" / "result.json", {"identity": arm_identity(old, label), "tokens": 8192}
+        )
+    before = _files(out)
+    changes = {
+        "budget_tokens=16384": "magnitude/seed-0/result.json was made with budget_tokens 8,192, not 16,384",
+        "global_batch_size=4": "magnitude/seed-0/result.json was made with global_batch_size 8, not 4",
+        "target.hidden_size=32": (
+            "magnitude/seed-0/result.json was made with target 3 layers, hidden 48, 1 query head in 1 KV group, "
+            "intermediate 64, not 3 layers, hidden 32, 1 query head in 1 KV group, intermediate 64"
+        ),
+        "prune_fraction=0.25": "l0-uniform/seed-0/result.json was made with prune_fraction 0.5, not 0.25",
+    }
+    for change, message in changes.items():
+        with pytest.raises(UserError) as e:
+            run_study(_config(tiny_assets, "arms=[magnitude,l0-uniform]", change), out)
+        assert str(e.value).startswith(f"{out}/{message}; use another --out, or delete {out}/"), str(e.value)
+        assert _files(out) == before
+    # a result of older code (no identity) is checked by its tokens
+    result = json.loads((out / "magnitude" / "seed-0" / "result.json").read_text())
+    del result["identity"]
+    result["tokens"] = 16384  # made with budget_tokens 16384
+    (out / "magnitude" / "seed-0" / "result.json").write_text(json.dumps(result))
+    before = _files(out)
+    assert (
+        planned_tokens(plan_arm("magnitude", old, 64, 2, None), old, 64) == 8192
+    )  # 16 steps, no calibration
+    with pytest.raises(UserError, match=r"was made on 16,384 tokens but this study plans 8,192 for it"):
+        run_study(_config(tiny_assets, "arms=[magnitude]"), out)
+    assert _files(out) == before
+    result["tokens"] = 8192
+    (out / "magnitude" / "seed-0" / "result.json").write_text(json.dumps(result))
+    check_finished_arms(_config(tiny_assets, "arms=[magnitude]"), out, 64, 2)
+    assert "records no budget or target; only its tokens were checked" in capsys.readouterr().err
+
+
+def test_a_study_records_each_arms_identity_and_a_file_as_out_is_one_line(
+    tiny_assets, tmp_path, monkeypatch, capsys
+):
+    import sheared.study as study
+
+    def finished(arm, cfg, out):  # what run_arm returns, without running anything
+        out.mkdir(parents=True, exist_ok=True)
+        loss = {"code": 1.0, "docs": 2.0}
+        return {
+            "arm": arm.name,
+            "tokens": planned_tokens(arm, cfg, 64),
+            "seconds": {"total": 1.0},
+            "curve": [],
+            "eval_loss": loss,
+            "mean_eval_loss": 1.5,
+            "mean_val_loss": 1.5,
+            "val_split": "val",
+        }
+
+    monkeypatch.setattr(study, "run_arm", finished)
+    monkeypatch.setattr(study, "_source_losses", lambda cfg, out: {"code": 0.5, "docs": 0.5})
+    cfg = _config(tiny_assets, "arms=[scratch,random]")
+    run_study(cfg, tmp_path / "study")
+    for label in ("scratch", "random"):
+        stored = json.loads((tmp_path / "study" / label / "seed-0" / "result.json").read_text())
+        assert stored["identity"] == {
+            "budget_tokens": 8192,
+            "target": cfg.target.as_dict(),
+            "global_batch_size": 8,
+            "prune_fraction": None,
+        }
+    with pytest.raises(
+        UserError, match=r"scratch/seed-0/result.json was made with budget_tokens 8,192, not 4,096"
+    ):
+        run_study(_config(tiny_assets, "arms=[scratch,random]", "budget_tokens=4096"), tmp_path / "study")
+
+    (tmp_path / "a-file").write_text("not a folder\n")
+    argv = ["study", "--config", "configs/tiny/study.yaml", "--out", str(tmp_path / "a-file")]
+    assert main([*argv, f"source={tiny_assets / 'source'}", f"data={tiny_assets / 'prepared'}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"sheared: error: --out {tmp_path / 'a-file'} is a file; give a folder (a new one, or the folder of a "
+        "study to finish)\n"
+    )
+    assert (tmp_path / "a-file").read_text() == "not a folder\n"

@@ -7,6 +7,12 @@ either the old file or the new one, never half of one; the `.tmp` file is remove
 A folder (a checkpoint, an export, a saved tokenizer, a random source) is built the same way by
 `publish_dir`: under a temporary name beside its destination, checked there, then renamed into
 place, with a previous folder kept until the new one is in place.
+
+Both are the one guarded path of every write: a failure for lack of space or permission, whatever
+library raised it (Python's OSError, torch's zip writer, the Rust of tokenizers and safetensors,
+numpy), becomes one `DiskError` line naming the path and the space needed (or that the folder is
+read-only), after the temporary file or folder is removed and the previous artefact left as it was.
+Writes that cannot be atomic (a token file streamed in pieces) run under `guard_writes`.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
+
+from sheared.errors import UserError
 
 TMP_SUFFIX = ".tmp"
 # What a folder (or file) that failed its verification is kept as beside its destination, for inspection.
@@ -54,40 +63,54 @@ def fsync_tree(root: str | Path) -> None:
     fsync_dir(root)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False, needed: int | None = None
+) -> Path:
     """Write `path` atomically: `write(handle)` fills `path.tmp`, which is fsynced and renamed.
 
     Args:
         path: the final file; its folder is created if missing.
         write: called once with the open temporary file.
         binary: open in binary mode (text mode writes UTF-8 with `\\n` line ends).
+        needed: about how many bytes the file takes (for the message of a full disk), if known.
 
     Returns:
         `path`.
+
+    Raises:
+        DiskError: no space, or a read-only folder; `path` is left as it was and no `.tmp` stays.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(p)
-    try:
-        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with guard_writes(p, needed=needed):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, p)
+        finally:
+            _unlink_quietly(tmp)
     fsync_dir(p.parent)
     return p
 
 
+def _unlink_quietly(path: Path) -> None:
+    """Remove a temporary file if there is one (on a read-only folder there never is)."""
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """`atomic_write` of a string."""
-    return atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text), needed=len(text.encode("utf-8")))
 
 
 def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> Path:
     """`atomic_write` of lines that already end in `\\n`."""
-    return atomic_write(path, lambda f: f.writelines(lines))
+    needed = sum(len(x.encode("utf-8")) for x in lines) if isinstance(lines, list | tuple) else None
+    return atomic_write(path, lambda f: f.writelines(lines), needed=needed)
 
 
 def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
@@ -106,7 +129,7 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        _unlink_quietly(path)
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -123,6 +146,7 @@ def publish_dir(
     fsync: bool = False,
     keep_failed: tuple[type[BaseException], ...] = (),
     owner: bool = True,
+    needed: int | None = None,
 ) -> Iterator[Path]:
     """Build `dest` under a temporary name beside it; when the body succeeds, rename it into place.
 
@@ -149,29 +173,35 @@ def publish_dir(
         owner: whether this process creates, renames and cleans up `tmp`. The other ranks of a
             distributed job pass False: they only get the path and write into it, between barriers
             the caller places.
+        needed: about how many bytes `dest` takes (for the message of a full disk), if known.
+
+    Raises:
+        DiskError: the body (whatever library it calls) or the swap failed for lack of space or
+            permission; `tmp` is removed and `dest` is left as it was.
     """
     dest = Path(dest)
     tmp = dest.with_name(dest.name + suffix)
     if not owner:
         yield tmp
         return
-    _remove(tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if mkdir:
-        tmp.mkdir()
-    try:
-        yield tmp
-        if fsync:
-            fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
-        _swap_in(tmp, dest, replace=replace, aside=dest.with_name(dest.name + ".old" + suffix))
-    except BaseException as e:
-        if isinstance(e, keep_failed) and (tmp.exists() or tmp.is_symlink()):
-            failed = failed_path(dest)
-            _remove(failed)
-            os.replace(tmp, failed)
-        else:
+    with guard_writes(dest, needed=needed):
+        try:
             _remove(tmp)
-        raise
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if mkdir:
+                tmp.mkdir()
+            yield tmp
+            if fsync:
+                fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
+            _swap_in(tmp, dest, replace=replace, aside=dest.with_name(dest.name + ".old" + suffix))
+        except BaseException as e:
+            if isinstance(e, keep_failed) and (tmp.exists() or tmp.is_symlink()):
+                failed = failed_path(dest)
+                _remove(failed)
+                os.replace(tmp, failed)
+            else:
+                _remove(tmp)
+            raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -200,24 +230,158 @@ def _swap_in(tmp: Path, dest: Path, *, replace: bool, aside: Path) -> None:
 
 
 # errno values of a write that cannot succeed until the user frees space or fixes permissions
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+PERMISSION_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_ERRNOS = SPACE_ERRNOS + PERMISSION_ERRNOS
+# What libraries that lose the errno say instead: Rust's io::Error (tokenizers, safetensors) ends in
+# "(os error N)"; torch's zip writer (inline_container.cc) and numpy's tofile report only a short write,
+# which on a local disk means it is full.
+DISK_MESSAGES: tuple[tuple[re.Pattern[str], int], ...] = (
+    (re.compile(r"No space left on device|os error 28\b"), errno.ENOSPC),
+    (re.compile(r"Disk quota exceeded|os error 122\b"), errno.EDQUOT),
+    (re.compile(r"Read-only file system|os error 30\b"), errno.EROFS),
+    (re.compile(r"Permission denied|os error 13\b"), errno.EACCES),
+    (re.compile(r"unexpected pos \d+ vs \d+|\d+ requested and \d+ written"), errno.ENOSPC),
+)
 
 
-def disk_problem(error: BaseException) -> str | None:
-    """`No space left on device` (or the like) when `error`, one of its causes, or a per-rank failure
-    of a distributed checkpoint is an OSError for lack of space or permission; else None."""
+def _linked(e: BaseException) -> list[BaseException]:
+    """The exceptions `e` carries: its cause and context, exceptions among its arguments, and the
+    per-rank failures of torch.distributed.checkpoint's CheckpointException ((exception, stack) pairs)."""
+    linked: list[Any] = [e.__cause__, e.__context__, *getattr(e, "args", ())]
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        linked += failures.values()
+    out = []
+    for item in linked:
+        if isinstance(item, tuple) and item and isinstance(item[0], BaseException):
+            item = item[0]
+        if isinstance(item, BaseException):
+            out.append(item)
+    return out
+
+
+def disk_errno(error: BaseException) -> int | None:
+    """The errno (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) when `error` or anything it carries (causes,
+    context, per-rank failures) is a write failing for lack of space or permission; else None.
+
+    Recognised by the OSError's errno, else by the message, so that a library that raises its own type
+    (RuntimeError, SafetensorError, a plain Exception) is recognised too."""
     seen: set[int] = set()
     pending = [error]
     while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
+        e = pending.pop(0)
+        if id(e) in seen:
             continue
         seen.add(id(e))
+        if isinstance(e, DiskError):
+            return e.errno
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            return os.strerror(e.errno) + (f": {e.filename}" if e.filename else "")
-        pending += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            pending += [f for f in failures.values() if isinstance(f, BaseException)]
-        pending += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+            return e.errno
+        for pattern, code in DISK_MESSAGES:
+            if isinstance(e, Exception) and pattern.search(str(e)):
+                return code
+        pending += _linked(e)
     return None
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """`No space left on device` (or the like) when `disk_errno` recognises `error`; else None."""
+    code = disk_errno(error)
+    return None if code is None else os.strerror(code)
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes >= 2**20:
+        return f"{num_bytes / 2**20:,.1f} MiB"
+    return f"{num_bytes / 2**10:,.1f} KiB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+class DiskError(UserError):
+    """A write that cannot succeed until the user frees space or makes the folder writable: one line
+    naming what was written, the space it needs (or that the folder is read-only), and that nothing
+    was replaced."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        code: int,
+        needed: int | None = None,
+        *,
+        what: str | None = None,
+        up_to: bool = False,
+        advice: str | None = None,
+    ):
+        """`path`: the file or folder written (its file system's free space is reported); `what`: words
+        naming it instead of the bare path; `needed`: bytes it takes (`up_to`: at most that many);
+        `advice`: what to do instead of the general advice."""
+        self.path, self.errno, self.needed = Path(path), code, needed
+        target = what or str(path)
+        if code in SPACE_ERRNOS:
+            free = free_bytes(path)
+            sizes = [] if free is None else [f"{_size(free)} free"]
+            if needed is not None:
+                sizes.append(f"{'up to' if up_to else 'about'} {_size(needed)} needed")
+            detail = os.strerror(code) + (f" ({', '.join(sizes)})" if sizes else "")
+            advice = advice or "free some space and run it again"
+        else:
+            detail = os.strerror(code)
+            advice = advice or (
+                "choose a writable folder" if code == errno.EROFS else "choose a folder you can write to"
+            )
+        super().__init__(f"cannot write {target}: {detail}; nothing was replaced; {advice}")
+
+    def __reduce__(self):  # pickled whole (to another rank or process), not rebuilt from the message alone
+        return _disk_error_from, (str(self), self.path, self.errno, self.needed)
+
+
+def _disk_error_from(message: str, path: Path, code: int, needed: int | None) -> DiskError:
+    error = DiskError.__new__(DiskError)
+    UserError.__init__(error, message)
+    error.path, error.errno, error.needed = path, code, needed
+    return error
+
+
+def as_disk_error(
+    error: BaseException, path: str | Path, needed: int | Callable[[], int] | None = None, **words: Any
+) -> DiskError | None:
+    """`error` as a DiskError about `path` when it is a failure for lack of space or permission (an
+    inner DiskError is kept: it names the file more precisely); else None. `needed` may be a function,
+    called only then; `words`: `what`, `up_to`."""
+    if isinstance(error, DiskError):
+        return error
+    code = disk_errno(error)
+    if code is None:
+        return None
+    return DiskError(path, code, needed() if callable(needed) else needed, **words)
+
+
+@contextmanager
+def guard_writes(
+    path: str | Path,
+    *,
+    needed: int | Callable[[], int] | None = None,
+    what: str | None = None,
+    up_to: bool = False,
+) -> Iterator[None]:
+    """Turn a failure for lack of space or permission inside the block into one `DiskError` about
+    `path` (see `DiskError` for the other arguments; `needed` may be a function, called only on a full
+    disk); other errors pass unchanged. Cleaning up after the failure stays with the block."""
+    try:
+        yield
+    except BaseException as e:
+        error = as_disk_error(e, path, needed, what=what, up_to=up_to)
+        if error is None or error is e:
+            raise
+        raise error from None

@@ -13,16 +13,24 @@ made by the same code as `sheared prune` / `train` / `export` / `eval`:
 | `best-fixed-mix`    | the best arm again with a fixed domain mix instead of dynamic batch loading (RQ3) |
 
 Each arm writes its runs and exports under `OUT/<arm>/` and `OUT/<arm>/result.json`; a re-run skips
-arms that finished and resumes the others. `OUT/results.json`, `OUT/results.md` and the figures
-(`loss_vs_tokens.png`, `domain_losses.png`, `domain_weights.png`) summarise all arms.
+arms that finished and resumes the others. What defines an arm besides its name and seed (the budget,
+the target, the global batch size, the prune fraction: `arm_identity`) is stored in its result.json,
+and a re-run with other values is refused naming the key, so that no old arm is labelled with a new
+budget. A budget too small for an arm (under one step, or under its calibration and one step) is
+refused with the smallest budget that fits, before anything runs.
+
+`OUT/results.json`, `OUT/results.md` and the figures (`loss_vs_tokens.png`, `domain_losses.png`,
+`domain_weights.png`) summarise all arms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +40,7 @@ import torch
 
 from sheared.config import load_config, save_config
 from sheared.errors import UserError
-from sheared.files import atomic_write_json, atomic_write_text, publish_dir
+from sheared.files import atomic_write_json, atomic_write_text, guard_writes, publish_dir
 from sheared.hardware import machine_summary
 from sheared.model import DEFAULT_SOURCE, load_source
 from sheared.model.args import describe
@@ -189,9 +197,11 @@ def plan_arm(
     *,
     seed: int | None = None,
     scratch_lr: float | None = None,
+    calibration: int | None = None,
 ) -> Arm:
     """The runs of one arm within the budget (`best`: the label of the best pruned arm, for the two
-    last arms; `scratch_lr`: the swept learning rate of the scratch arm)."""
+    last arms; `scratch_lr`: the swept learning rate of the scratch arm; `calibration`: the tokens of
+    `calibration_tokens`, when the caller has them)."""
     name, fraction = _parse_label(label, cfg)
     base = name
     variant: dict[str, Any] = {"seed": cfg.seeds[0] if seed is None else seed}
@@ -200,7 +210,9 @@ def plan_arm(
             raise UserError(f"arm {name} needs at least one pruned arm to have finished first")
         base, fraction = _parse_label(best, cfg)
         variant |= {"distill": True} if name == "best+distill" else {"dynamic": False}
-    calibration = calibration_tokens(cfg, num_domains, seq_len) if base in CALIBRATED else 0
+    if calibration is None:
+        calibration = calibration_tokens(cfg, num_domains, seq_len)
+    calibration = calibration if base in CALIBRATED else 0
     budget = cfg.budget_tokens - calibration
     if base == "scratch":
         lr = cfg.scratch_lr[0] if scratch_lr is None else scratch_lr
@@ -227,6 +239,105 @@ def calibration_tokens(cfg: StudyConfig, num_domains: int, seq_len: int) -> int:
     from sheared.train.config import PruneConfig
 
     return load_config(PruneConfig, cfg.prune_config).pruning.calibration * num_domains * seq_len
+
+
+def arm_identity(cfg: StudyConfig, label: str, base: str | None = None) -> dict[str, Any]:
+    """What an arm's result depends on besides its label and seed (stored in its result.json): the
+    budget, the target, the global batch size and, for arms that learn masks, the prune fraction
+    (`base`: the best pruned arm a `best+distill` / `best-fixed-mix` arm repeats)."""
+    name, fraction = _parse_label(label, cfg)
+    if name in ("best+distill", "best-fixed-mix") and base is not None:
+        name, fraction = _parse_label(base, cfg)
+    return {
+        "budget_tokens": cfg.budget_tokens,
+        "target": cfg.target.as_dict(),
+        "global_batch_size": cfg.global_batch_size,
+        "prune_fraction": fraction if name in L0_INIT else None,
+    }
+
+
+def planned_tokens(arm: Arm, cfg: StudyConfig, seq_len: int) -> int:
+    """Tokens an arm trains: its calibration and every step of its runs."""
+    return arm.calibration_tokens + (arm.prune_steps + arm.train_steps) * cfg.global_batch_size * seq_len
+
+
+def check_budget(cfg: StudyConfig, seq_len: int, num_domains: int) -> None:
+    """Refuse a budget that some arm would overspend (every run trains at least one step, and the
+    calibration counts too), or a scratch sweep shorter than one step, naming the smallest budget that
+    fits every arm."""
+    labels = [label for label in arm_labels(cfg) if not label.startswith("best")]  # they repeat a pruned arm
+    calibration = calibration_tokens(cfg, num_domains, seq_len)
+    step = cfg.global_batch_size * seq_len
+    sweep = "scratch" in cfg.arms and len(cfg.scratch_lr) > 1
+
+    def overspent(budget: int) -> tuple[str, int] | None:
+        """(what, the tokens it needs) of the first arm that `budget` does not hold."""
+        trial = dataclasses.replace(cfg, budget_tokens=budget)
+        for label in labels:
+            arm = plan_arm(label, trial, seq_len, num_domains, None, calibration=calibration)
+            if planned_tokens(arm, trial, seq_len) > budget:
+                return label, planned_tokens(arm, trial, seq_len)
+        if sweep and round(budget * cfg.scratch_sweep_fraction) < step:
+            return "the scratch learning-rate sweep", math.ceil((step - 0.5) / cfg.scratch_sweep_fraction)
+        return None
+
+    over = overspent(cfg.budget_tokens)
+    if over is None:
+        return
+    # an arm that overspends a budget needs at least what it would spend (its steps only grow with the
+    # budget), so jumping there finds the smallest budget that fits every arm
+    smallest, need = cfg.budget_tokens, over
+    while need is not None:
+        smallest = max(smallest + 1, need[1])
+        need = overspent(smallest)
+    label, tokens = over
+    what = f"{label} would train {tokens:,} tokens" if label in labels else f"{label} needs one step"
+    raise UserError(
+        f"budget_tokens {cfg.budget_tokens:,} is too small: {what} (one step is {cfg.global_batch_size} × "
+        f"{seq_len} = {step:,} tokens; calibration counts too); the smallest budget that fits every arm is "
+        f"{smallest:,} tokens"
+    )
+
+
+def check_finished_arms(cfg: StudyConfig, out: Path, seq_len: int, num_domains: int) -> None:
+    """Refuse to reuse a finished arm (its result.json) that was made with another budget, target, batch or
+    prune fraction, naming the key. A result of older code without its identity is checked by its
+    token count (which the budget and the batch decide), with a note."""
+    for label in arm_labels(cfg):
+        for seed in cfg.seeds:
+            done = out / label / f"seed-{seed}" / "result.json"
+            if not done.is_file():
+                continue
+            result = json.loads(done.read_text())
+            stored = result.get("identity")
+            if stored is not None:
+                _check_identity(done, stored, arm_identity(cfg, label, result.get("base")))
+                continue
+            arm = plan_arm(label, cfg, seq_len, num_domains, result.get("base"), seed=seed)
+            if result["tokens"] != planned_tokens(arm, cfg, seq_len):
+                raise UserError(
+                    f"{done} was made on {result['tokens']:,} tokens but this study plans "
+                    f"{planned_tokens(arm, cfg, seq_len):,} for it (budget_tokens or global_batch_size changed); "
+                    f"use another --out, or delete {done.parent} to run it again"
+                )
+            print(
+                f"sheared: note: {done} (older code) records no budget or target; only its tokens were checked",
+                file=sys.stderr,
+            )
+
+
+def _check_identity(done: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    for key, value in wanted.items():
+        if stored.get(key) != value:
+            show = (
+                (lambda v: describe(v))
+                if key == "target"
+                else (lambda v: f"{v:,}" if isinstance(v, int) else v)
+            )
+            raise UserError(
+                f"{done} was made with {key} {show(stored.get(key))}, not {show(value)}; use another --out, or "
+                f"delete {done.parent} to run it again"
+            )
 
 
 def _common(cfg: StudyConfig, run_cfg: RunConfig, arm: Arm) -> RunConfig:
@@ -386,10 +497,18 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
     from sheared.data.tokens import PreparedData
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"--out {out} is a file; give a folder (a new one, or the folder of a study to finish)"
+        )
     data = PreparedData.open(cfg.data, verify="size")
     seq_len, domains = data.seq_len, data.domains
+    check_budget(cfg, seq_len, len(domains))
+    check_finished_arms(cfg, out, seq_len, len(domains))
+    _check_sweep(cfg, out)
+    with guard_writes(out):
+        out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     reference = _source_losses(cfg, out)
     sweep = _scratch_sweep(cfg, out, seq_len, len(domains)) if "scratch" in cfg.arms else None
     results: dict[str, Any] = {}
@@ -415,6 +534,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> dict[str, Any]:
             )
             result = run_arm(arm, cfg, arm_dir)
             result["seed"] = seed
+            result["identity"] = arm_identity(cfg, label, best)
             if best is not None:
                 result["base"] = best
             result["worst_excess"] = max(result["eval_loss"][d] - reference[d] for d in domains)
@@ -474,6 +594,23 @@ def _scratch_sweep(cfg: StudyConfig, out: Path, seq_len: int, num_domains: int) 
     sweep = {"chosen": chosen, "val_loss": losses, "tokens": short.budget_tokens, "seed": cfg.seeds[0]}
     atomic_write_json(path, sweep)
     return sweep
+
+
+def _check_sweep(cfg: StudyConfig, out: Path) -> None:
+    """Refuse a finished scratch sweep made on another share of the budget or other learning rates."""
+    path = out / "scratch-sweep" / "sweep.json"
+    if "scratch" not in cfg.arms or len(cfg.scratch_lr) == 1 or not path.is_file():
+        return
+    sweep = json.loads(path.read_text())
+    tokens = max(1, round(cfg.budget_tokens * cfg.scratch_sweep_fraction))
+    rates = sorted(f"{lr:g}" for lr in cfg.scratch_lr)
+    swept = sorted(sweep.get("val_loss", {}))
+    if sweep.get("tokens") != tokens or swept != rates:
+        raise UserError(
+            f"{path} swept learning rates {', '.join(swept)} on {sweep.get('tokens')} tokens, not "
+            f"{', '.join(rates)} on {tokens} (budget_tokens × scratch_sweep_fraction); use another --out, or "
+            f"delete {path.parent} to sweep again"
+        )
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:

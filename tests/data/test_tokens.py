@@ -203,3 +203,67 @@ def test_open_refuses_a_corrupted_token_file(prepared):
         "the file is damaged: delete it and run `sheared data prepare` again"
     )
     PreparedData.open(prepared, verify="size")  # sizes alone cannot see it
+
+
+# ------------------------------------------------------------------------------------------------
+# Token ids against the vocabulary: checked when written, recorded, and read back on open.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_writer_refuses_an_id_outside_the_vocabulary(tmp_path):
+    path = tmp_path / "x.bin"
+    with pytest.raises(UserError) as e, TokenFileWriter(path, np.dtype("<u2"), vocab_size=42) as writer:
+        writer.write(np.arange(10))
+        writer.write(np.array([3, 42, 7]))
+    assert str(e.value) == f"{path}: token id 42 is outside the vocabulary of 42 ids; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+    with TokenFileWriter(path, np.dtype("<u2"), vocab_size=42) as writer:
+        writer.write(np.array([5, 41, 0]))
+        writer.commit()
+    assert writer.max_token_id == 41
+
+
+def test_prepare_records_each_files_largest_id_and_open_trusts_it_by_checksum(prepared, monkeypatch):
+    import sheared.data.tokens as tokens
+
+    metadata = json.loads((prepared / METADATA_FILE).read_text())
+    for entry in metadata["domains"].values():
+        for split in entry["splits"].values():
+            ids = np.fromfile(prepared / split["file"], dtype="<u2")
+            assert split["max_token_id"] == int(ids.max()) < len(word_tokenizer())
+    scanned = []
+    real_scan, real_largest = tokens.scan_token_file, tokens.largest_token_id
+    monkeypatch.setattr(tokens, "scan_token_file", lambda p, d: scanned.append(d) or real_scan(p, d))
+    monkeypatch.setattr(tokens, "largest_token_id", lambda p, d: scanned.append(d) or real_largest(p, d))
+    PreparedData.open(prepared)
+    assert scanned == [None] * 6  # 2 domains × train, eval, val: hashed, their ids read from metadata.json
+    scanned.clear()
+    PreparedData.open(prepared, verify="size")
+    assert scanned == []
+
+
+@pytest.mark.parametrize("verify", ["checksum", "size"])
+def test_open_refuses_an_id_outside_the_vocabulary_in_data_prepared_before_it_was_recorded(prepared, verify):
+    path = prepared / "a.train.bin"
+    ids = np.fromfile(path, dtype="<u2")
+    ids[37] = len(word_tokenizer()) + 5  # 47: outside a vocabulary of 42
+    ids.tofile(path)
+    metadata = json.loads((prepared / METADATA_FILE).read_text())
+    for entry in metadata["domains"].values():
+        for split in entry["splits"].values():
+            del split["max_token_id"]  # as data prepared by an older sheared
+    metadata["domains"]["a"]["splits"]["train"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (prepared / METADATA_FILE).write_text(json.dumps(metadata))
+    before = {f.name: f.read_bytes() for f in prepared.rglob("*") if f.is_file()}
+    with pytest.raises(UserError) as e:
+        PreparedData.open(prepared, verify=verify)
+    assert {f.name: f.read_bytes() for f in prepared.rglob("*") if f.is_file()} == before
+    assert str(e.value) == (
+        f"{path} holds token id 47, outside the tokenizer's vocabulary of 42 ids: the file is damaged or was "
+        "prepared with another tokenizer; delete it and run `sheared data prepare` again"
+    )
+    ids[37] = 41
+    ids.tofile(path)
+    metadata["domains"]["a"]["splits"]["train"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (prepared / METADATA_FILE).write_text(json.dumps(metadata))
+    assert PreparedData.open(prepared, verify=verify).vocab_size == 42

@@ -63,7 +63,7 @@ from sheared.data.tokens import (
     write_metadata,
 )
 from sheared.errors import UserError
-from sheared.files import publish_dir
+from sheared.files import guard_writes, publish_dir
 
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 CORPUS_GLOB = "*.jsonl"  # the sample corpus: one `<domain>.jsonl` per domain
@@ -271,18 +271,46 @@ def _domain_options(cfg: PrepareConfig, spec: DomainInput) -> dict[str, Any]:
 
 
 def _prepare_domain(
-    name: str, cfg: PrepareConfig, out: Path, dtype: np.dtype, encoder: Encoder, progress: bool
+    name: str, cfg: PrepareConfig, out: Path, vocab_size: int, encoder: Encoder, progress: bool
 ) -> dict[str, Any]:
     """Tokenize, split and pack one domain into its token files (train, eval and val); returns its
     metadata entry."""
-    spec = cfg.domains[name]
-    texts = _shuffled(_read_domain(name, spec, cfg.min_chars), cfg.seed, name)
-    held_out = {"eval": cfg.eval_sequences, VAL_SPLIT: cfg.val_sequences}
+    texts = _shuffled(_read_domain(name, cfg.domains[name], cfg.min_chars), cfg.seed, name)
     splits = [*SPLITS, VAL_SPLIT] if cfg.val_sequences else list(SPLITS)
     paths = {split: out / token_file_name(name, split) for split in splits}
-    started = time.perf_counter()
+    started, dtype = time.perf_counter(), token_dtype(vocab_size)
+    files = f"the token files of domain {name!r} in {out}"
+    bound = lambda: _token_bytes_bound(texts, cfg, dtype)  # noqa: E731 (worked out only on a full disk)
+    with guard_writes(out, needed=bound, what=files, up_to=True):
+        return _pack_domain(name, cfg, texts, paths, vocab_size, encoder, progress, started)
+
+
+def _token_bytes_bound(texts: list[str], cfg: PrepareConfig, dtype: np.dtype) -> int:
+    """At most how many bytes a domain's token files take: a token covers at least one UTF-8 byte of its
+    document, plus BOS and document end; fewer when `max_train_sequences` caps the train split."""
+    tokens = sum(len(t.encode("utf-8")) + 2 for t in texts)
+    if cfg.max_train_sequences is not None:
+        tokens = min(tokens, (cfg.max_train_sequences + cfg.eval_sequences + cfg.val_sequences) * cfg.seq_len)
+    return tokens * dtype.itemsize
+
+
+def _pack_domain(
+    name: str,
+    cfg: PrepareConfig,
+    texts: list[str],
+    paths: dict[str, Path],
+    vocab_size: int,
+    encoder: Encoder,
+    progress: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Split and pack one domain's documents (in their shuffled order) into its token files, each id
+    checked against the vocabulary."""
+    spec, dtype = cfg.domains[name], token_dtype(vocab_size)
+    held_out = {"eval": cfg.eval_sequences, VAL_SPLIT: cfg.val_sequences}
+    splits = list(paths)
     with contextlib.ExitStack() as stack:
-        writers = {split: stack.enter_context(TokenFileWriter(paths[split], dtype)) for split in splits}
+        writers = {split: stack.enter_context(TokenFileWriter(paths[split], dtype, vocab_size)) for split in splits}
         bar = stack.enter_context(tqdm(total=len(texts), desc=name, unit="doc", disable=not progress))
         packers = {
             split: _Packer(writers[split], cfg.seq_len, held_out.get(split, cfg.max_train_sequences))
@@ -324,6 +352,7 @@ def _prepare_domain(
                 "sequences": packers[split].sequences,
                 "tokens": packers[split].sequences * cfg.seq_len,
                 "sha256": checksums[split],
+                "max_token_id": writers[split].max_token_id,
             }
             for split in splits
         },
@@ -448,7 +477,6 @@ def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = Tru
             if name in existing.get("domains", {}):
                 _check_same_domain(out, name, existing["domains"][name], cfg)
     metadata = existing if existing is not None else {**header, "domains": {}}
-    dtype = token_dtype(fingerprint["vocab_size"])
 
     todo = []
     for name in cfg.domains:
@@ -463,17 +491,18 @@ def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = Tru
     if not todo:
         return metadata
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in todo:
-        if metadata["domains"].pop(name, None) is not None:
-            write_metadata(out, metadata)  # never list files that are about to be replaced
-    tokenizer_dir = _save_tokenizer(tokenizer, out, fingerprint)  # what the workers load
-
-    with document_encoder(tokenizer, str(tokenizer_dir), convention, cfg.num_workers) as encoder:
+    with guard_writes(out):  # a full disk or a read-only folder: one line; finished domains stay
+        out.mkdir(parents=True, exist_ok=True)
         for name in todo:
-            metadata["domains"][name] = _prepare_domain(name, cfg, out, dtype, encoder, progress)
-            metadata["domains"] = _in_config_order(metadata["domains"], cfg)
-            write_metadata(out, metadata)
+            if metadata["domains"].pop(name, None) is not None:
+                write_metadata(out, metadata)  # never list files that are about to be replaced
+        tokenizer_dir = _save_tokenizer(tokenizer, out, fingerprint)  # what the workers load
+
+        with document_encoder(tokenizer, str(tokenizer_dir), convention, cfg.num_workers) as encoder:
+            for name in todo:
+                metadata["domains"][name] = _prepare_domain(name, cfg, out, fingerprint["vocab_size"], encoder, progress)
+                metadata["domains"] = _in_config_order(metadata["domains"], cfg)
+                write_metadata(out, metadata)
     return metadata
 
 

@@ -4,18 +4,22 @@ A prepared directory `OUT` (written by `sheared.data.prepare.prepare_data`) hold
 
     OUT/metadata.json          format version, tokenizer fingerprint, seq_len, dtype, BOS/EOS ids,
                                seed, and per domain: its inputs, document counts and, per split,
-                               file name, number of sequences and tokens, sha256
+                               file name, number of sequences and tokens, sha256, largest token id
     OUT/<domain>.train.bin     the packed training sequences: (sequences, seq_len) tokens, row-major,
     OUT/<domain>.eval.bin      little-endian uint16 when the vocabulary fits (<= 65536), else uint32
     OUT/tokenizer/             the tokenizer, saved with `save_pretrained`
 
 Every file appears atomically (written as `NAME.tmp`, flushed, fsynced, renamed), and metadata.json
 is rewritten the same way after each finished domain, so a listed file always has its checksum.
-`PreparedData.open` checks sizes (and by default checksums) before anything is trained on them.
+`PreparedData.open` checks sizes (and by default checksums) before anything is trained on them, and
+every file's token ids against the vocabulary: the largest id is recorded beside the checksum when
+the file is written (and checked then), so opening reads it from metadata.json instead of scanning
+the file again; data prepared before it was recorded is scanned (with the checksum, in one pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -145,30 +149,43 @@ class TokenFileWriter:
     Use as a context manager: leaving the block without `commit` (on an exception, say) removes the
     temporary file, so a token file either exists complete or not at all.
 
-        with TokenFileWriter(path, np.dtype("<u2")) as writer:
-            writer.write(tokens)  # (n,) integers, any integer dtype, values < 2**16
+        with TokenFileWriter(path, np.dtype("<u2"), vocab_size=49152) as writer:
+            writer.write(tokens)  # (n,) integers, any integer dtype, each < vocab_size
             sha256 = writer.commit()
+
+    `max_token_id` is the largest id written (-1 for none).
     """
 
-    def __init__(self, path: str | Path, dtype: np.dtype):
+    def __init__(self, path: str | Path, dtype: np.dtype, vocab_size: int | None = None):
         self.path = Path(path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.tmp_path = tmp_path(self.path)
         self.num_tokens = 0
+        self.max_token_id = -1
         self._hash = hashlib.sha256()
-        self._limit = np.iinfo(self.dtype).max
+        self._limit = np.iinfo(self.dtype).max if vocab_size is None else vocab_size - 1
+        self._vocab_size = vocab_size
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed by commit/abort
 
     def write(self, tokens: np.ndarray) -> None:
-        """Append `tokens` ((n,) integers, flattened if not 1-D) in the file's dtype."""
+        """Append `tokens` ((n,) integers, flattened if not 1-D) in the file's dtype.
+
+        Raises:
+            UserError: an id outside the vocabulary (or, without one, the dtype), naming the file.
+        """
         tokens = np.asarray(tokens).reshape(-1)
         if tokens.size == 0:
             return
-        assert tokens.min() >= 0 and tokens.max() <= self._limit, "token id out of the file dtype's range"
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high > self._limit:
+            bad = low if low < 0 else high
+            where = f"the vocabulary of {self._vocab_size} ids" if self._vocab_size else f"the range of {self.dtype.name}"
+            raise UserError(f"{self.path}: token id {bad} is outside {where}; nothing was written")
         data = tokens.astype(self.dtype, copy=False).tobytes()
         self._file.write(data)
         self._hash.update(data)
         self.num_tokens += tokens.size
+        self.max_token_id = max(self.max_token_id, high)
 
     def commit(self) -> str:
         """Flush, fsync and rename the temporary file into place; returns its sha256 (hex)."""
@@ -181,15 +198,16 @@ class TokenFileWriter:
 
     def abort(self) -> None:
         """Close and remove the temporary file (nothing of it stays on disk)."""
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # flushing what a full disk refused fails again; it closes anyway
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TokenFileWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if not self._file.closed:
-            self.abort()
+        self.abort()  # after a commit there is no temporary file; after a failed one there may be
 
 
 def write_token_file(path: str | Path, tokens: np.ndarray) -> str:
@@ -210,11 +228,29 @@ def write_token_file(path: str | Path, tokens: np.ndarray) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 (hex) of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
+    return scan_token_file(path, None)[0]
+
+
+def largest_token_id(path: str | Path, dtype: np.dtype) -> int:
+    """The largest token id in a token file (-1 when empty), read once through a memory map."""
+    if Path(path).stat().st_size == 0:
+        return -1
+    return int(np.memmap(path, dtype=dtype, mode="r").max())
+
+
+def scan_token_file(path: str | Path, dtype: np.dtype | None) -> tuple[str, int]:
+    """(sha256 hex, largest token id or -1) of a token file, read once in blocks; without a `dtype` the
+    largest id is not computed (-1)."""
+    digest, largest = hashlib.sha256(), -1
+    itemsize = 1 if dtype is None else np.dtype(dtype).itemsize
+    block_bytes = HASH_BLOCK_BYTES - HASH_BLOCK_BYTES % itemsize
     with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK_BYTES):
+        while block := f.read(block_bytes):
             digest.update(block)
-    return digest.hexdigest()
+            if dtype is not None and len(block) >= itemsize:
+                ids = np.frombuffer(block, dtype=dtype, count=len(block) // itemsize)
+                largest = max(largest, int(ids.max()))
+    return digest.hexdigest(), largest
 
 
 def write_metadata(directory: str | Path, metadata: dict[str, Any]) -> Path:
@@ -267,6 +303,33 @@ def token_file_problem(directory: Path, metadata: dict[str, Any], split_entry: d
             f"{DTYPES[metadata['dtype']].itemsize} bytes)"
         )
     return None
+
+
+def _check_token_file(path: Path, entry: dict[str, Any], metadata: dict[str, Any], verify: str) -> None:
+    """Refuse a token file whose checksum (with `verify="checksum"`) differs from metadata.json, or that
+    holds a token id outside the tokenizer's vocabulary.
+
+    The largest id recorded beside the checksum when the file was written stands for the file's ids
+    (the checksum ties it to these bytes), so only data prepared before it was recorded is scanned.
+    """
+    dtype = DTYPES[metadata["dtype"]]
+    largest = entry.get("max_token_id")
+    if verify == "checksum":
+        actual, scanned = scan_token_file(path, dtype if largest is None else None)
+        if actual != entry["sha256"]:
+            raise UserError(
+                f"{path} has sha256 {_short(actual)} but {METADATA_FILE} records {_short(entry['sha256'])}; "
+                f"the file is damaged: delete it and run `{PREPARE_COMMAND}` again"
+            )
+        largest = scanned if largest is None else largest
+    elif largest is None:
+        largest = largest_token_id(path, dtype)
+    vocab_size = metadata["tokenizer"]["vocab_size"]
+    if largest >= vocab_size:
+        raise UserError(
+            f"{path} holds token id {largest}, outside the tokenizer's vocabulary of {vocab_size} ids: the file is "
+            f"damaged or was prepared with another tokenizer; delete it and run `{PREPARE_COMMAND}` again"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,14 +397,7 @@ class PreparedData:
             problem = token_file_problem(directory, metadata, entry)
             if problem is not None:
                 raise UserError(f"{problem}; run `{PREPARE_COMMAND}` again to rebuild it")
-            if verify == "checksum":
-                path = directory / entry["file"]
-                actual = file_sha256(path)
-                if actual != entry["sha256"]:
-                    raise UserError(
-                        f"{path} has sha256 {_short(actual)} but {METADATA_FILE} records {_short(entry['sha256'])}; "
-                        f"the file is damaged: delete it and run `{PREPARE_COMMAND}` again"
-                    )
+            _check_token_file(directory / entry["file"], entry, metadata, verify)
         return cls(directory, metadata)
 
     def _split(self, domain: str, split: str) -> dict[str, Any]:

@@ -291,6 +291,15 @@ def initial_log_alpha(scores: torch.Tensor, kept: int, levels: str = "ranked") -
     return torch.where(rank < kept, keep, drop).float()
 
 
+def non_finite_scores(scores: Scores) -> str | None:
+    """None when every score is finite, else which mask type holds how many NaN or infinite ones."""
+    for name, values in scores.items():
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            return f"{bad} of {values.numel()} {name} scores are NaN or infinite"
+    return None
+
+
 def check_scores_shape(scores: Scores, args: ModelArgs, where: str) -> None:
     """Refuse scores made for a source of another shape, in one line."""
     expected = structure_shapes(args)

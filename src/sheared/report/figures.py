@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sheared.errors import UserError
+from sheared.files import atomic_write
 from sheared.report.run import RunData, count, series, smooth, smoothing_window, target_num_params, unit
 from sheared.run_dir import (
     DOMAIN_WEIGHT,
@@ -64,8 +65,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), binary=True)
 
 
 def _raw_and_smoothed(ax, steps: np.ndarray, values: np.ndarray, color: str, label: str) -> None:

@@ -6,7 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sheared.files import atomic_write
 from sheared.run_dir import DOMAIN_WEIGHT, RunDir
+
+DPI = 110
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), binary=True)
 
 
 def study_figures(summary: dict[str, Any], out: Path) -> None:
@@ -40,7 +47,7 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(out / "loss_vs_tokens.png", dpi=110)
+    _save(fig, out / "loss_vs_tokens.png")
 
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -53,7 +60,7 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
     ax.set_xticks([d + 0.4 for d in range(len(domains))], domains)
     ax.set(title="final held-out loss per domain (mean over seeds)", ylabel="loss")
     ax.legend(fontsize="small", ncols=3)
-    fig.savefig(out / "domain_losses.png", dpi=110)
+    _save(fig, out / "domain_losses.png")
 
     dbl = next((n for n in ("best+distill", "activation", *arms) if n in arms), None)
     if dbl is not None:
@@ -69,4 +76,4 @@ def study_figures(summary: dict[str, Any], out: Path) -> None:
             xlabel="step",
         )
         ax.legend(fontsize="small", ncols=2)
-        fig.savefig(out / "domain_weights.png", dpi=110)
+        _save(fig, out / "domain_weights.png")

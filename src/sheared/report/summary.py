@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sheared.files import atomic_write_text
+from sheared.files import atomic_write_text, guard_writes
 from sheared.model.args import describe
 from sheared.report.figures import (
     matplotlib_classes,
@@ -222,7 +222,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else RunDir(run.run_dir).report
     figures, skipped = _plan(run)
-    out.mkdir(parents=True, exist_ok=True)
+    with guard_writes(out):
+        out.mkdir(parents=True, exist_ok=True)
     made = {name: plot(run, out / f"{name}.png").name for name, plot in figures.items()}
     path = out / SUMMARY_FILE
     atomic_write_text(path, summary_markdown(run, made, skipped))

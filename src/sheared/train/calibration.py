@@ -6,13 +6,18 @@ data-parallel rank runs its contiguous share, one sequence per forward pass (so 
 statistics do not depend on what it is batched with), and the float64 sums are all-reduced: one
 process and N processes give the same scores.
 
-`scores.pt` holds `{"method", "scores": {name: tensor}, "source": ModelArgs fields, "calibration":
-{...}}`; `pruning.scores: PATH` reuses it for another target of the same source.
+`scores.pt` holds `{"scores": {name: tensor}, "source": ModelArgs fields, "calibration": {...},
+"fingerprint": {...}}`; `pruning.scores: PATH` reuses it for another target of the same source. The
+fingerprint (`scores_fingerprint`) ties the scores to the source's weights and to the calibration
+sequences they were measured on, so that scores of another model of the same shape, or of other data,
+are refused rather than taken on trust (shapes alone cannot tell them apart).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,16 +29,18 @@ from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
 from sheared.model import CausalLM, Masks
 from sheared.model.args import ModelArgs
+from sheared.model.loading import weights_fingerprint
 from sheared.pruning.hard_concrete import top_k_binary
 from sheared.pruning.importance import (
     Scores,
     activation_stats,
     check_scores_shape,
     magnitude_scores,
+    non_finite_scores,
     random_scores,
 )
 from sheared.pruning.target import TargetShape
-from sheared.train.config import PruneConfig
+from sheared.train.config import PruneConfig, PruningConfig
 from sheared.train.distributed import DistEnv, all_reduce_sum_
 
 
@@ -103,7 +110,7 @@ def compute_scores(
     model only, as a budget's search does. `method`: the scoring method (default: the run's own).
     """
     if cfg.pruning.scores is not None:
-        return load_scores(cfg.pruning.scores, args)
+        return load_scores(cfg.pruning.scores, args, source=cfg.source_spec, data=data, note=env.is_main)
     method, t0 = method or cfg.pruning.scoring, time.perf_counter()
     width_scores = cfg.pruning.width_scores if target is not None else "full"
     info: dict[str, Any] = {"method": method, "calibration_tokens": 0}
@@ -133,27 +140,135 @@ def compute_scores(
             width_scores=width_scores,
         )
     info["seconds"] = time.perf_counter() - t0
+    problem = non_finite_scores(scores)
+    if problem is not None:
+        raise UserError(
+            f"the {method} scores of {cfg.source_spec} are not finite ({problem}): the source's weights or the "
+            "calibration data hold NaN or infinity"
+        )
+    calibration = cfg.pruning.calibration if method == "activation" else None
+    info["fingerprint"] = scores_fingerprint(cfg.source_spec, data, calibration)
     return scores, info
+
+
+def calibration_fingerprint(data: PreparedData, per_domain: int) -> str | None:
+    """sha256 (hex) of the calibration sequences (domain names and token ids), or None when a domain has
+    fewer than `per_domain` training sequences (they cannot be the same)."""
+    if any(data.num_sequences(d, "train") < per_domain for d in data.domains):
+        return None
+    digest = hashlib.sha256()
+    for domain in data.domains:
+        digest.update(domain.encode("utf-8") + b"\0")
+        rows = data.token_array(domain, "train")[:per_domain]  # (per_domain, seq_len), the on-disk dtype
+        digest.update(rows.astype("<u4").tobytes())
+    return digest.hexdigest()
+
+
+def scores_fingerprint(source: str, data: PreparedData, calibration: int | None) -> dict[str, Any]:
+    """What scores were measured from: the source's weights (`weights_fingerprint`) and, for activation
+    scores, the first `calibration` training sequences of every domain (None for data-free scores)."""
+    return {
+        "source_weights": weights_fingerprint(source),
+        "calibration_sequences_per_domain": calibration,
+        "calibration_data": None if calibration is None else calibration_fingerprint(data, calibration),
+    }
+
+
+def check_scores_option(pruning: PruningConfig) -> None:
+    """Refuse `pruning.scores` before anything runs: a folder instead of the file, or given where nothing
+    reads scores (learned masks from a uniform init with an exact target, or a budget searched by rule)."""
+    if pruning.scores is None:
+        return
+    p = Path(pruning.scores)
+    if p.is_dir():
+        inside = f" ({p / 'scores.pt'} is there)" if (p / "scores.pt").is_file() else ""
+        raise UserError(
+            f"pruning.scores {str(p)!r} is a directory; give the scores.pt file of an earlier run{inside}"
+        )
+    searched = pruning.budget is not None and pruning.search == "loss"
+    if pruning.scoring is None and not searched:
+        raise UserError(
+            f"pruning.scores is given but nothing uses scores: method {pruning.method} with init {pruning.init} "
+            f"learns its masks from a uniform start; drop pruning.scores, or set pruning.init to activation, "
+            "magnitude or oneshot"
+        )
 
 
 def save_scores(path: Path, scores: Scores, args: ModelArgs, info: dict[str, Any]) -> None:
     """Write `scores.pt` (see the module docstring), atomically."""
     from sheared.files import atomic_write
 
-    content = {"scores": {k: v.cpu() for k, v in scores.items()}, "source": vars(args), "calibration": info}
+    calibration = {k: v for k, v in info.items() if k != "fingerprint"}
+    content = {
+        "scores": {k: v.cpu() for k, v in scores.items()},
+        "source": vars(args),
+        "calibration": calibration,
+        "fingerprint": info.get("fingerprint"),
+    }
     atomic_write(path, lambda f: torch.save(content, f), binary=True)
 
 
-def load_scores(path: str | Path, args: ModelArgs) -> tuple[Scores, dict[str, Any]]:
-    """Scores from an earlier run's `scores.pt`, refused in one line if made for another source."""
+def load_scores(
+    path: str | Path, args: ModelArgs, *, source: str, data: PreparedData, note: bool = True
+) -> tuple[Scores, dict[str, Any]]:
+    """Scores from an earlier run's `scores.pt`, refused in one line when they cannot be this run's: made
+    for another shape, from other weights or calibration data (`scores_fingerprint`), or not finite. A
+    file written before fingerprints existed is accepted on its shapes, with a one-line note (`note`)."""
     p = Path(path)
+    where = f"pruning.scores {str(p)!r}"
+    if p.is_dir():
+        raise UserError(f"{where} is a directory; give the scores.pt file of an earlier run")
     if not p.is_file():
-        raise UserError(f"pruning.scores {str(p)!r} does not exist; give the scores.pt of an earlier run")
+        raise UserError(f"{where} does not exist; give the scores.pt of an earlier run")
     try:
         content = torch.load(p, map_location="cpu", weights_only=True)
         scores = content["scores"]
     except Exception as e:  # a truncated file, another pickle, a dict without scores
-        raise UserError(f"pruning.scores {str(p)!r} is not a scores.pt written by sheared ({e})") from None
-    check_scores_shape(scores, args, f"pruning.scores {str(p)!r}")
-    info = {**content.get("calibration", {}), "reused_from": str(p), "calibration_tokens": 0}
+        raise UserError(f"{where} is not a scores.pt written by sheared ({e})") from None
+    check_scores_shape(scores, args, where)
+    problem = non_finite_scores(scores)
+    if problem is not None:
+        raise UserError(f"{where} holds scores that are not finite ({problem}); compute them again")
+    stored = content.get("fingerprint")
+    if stored is None:
+        if note:
+            print(
+                f"sheared: note: {where} has no fingerprint of its source and calibration data (written by an "
+                "older sheared); only its shapes were checked",
+                file=sys.stderr,
+            )
+    else:
+        _check_fingerprint(
+            where, stored, scores_fingerprint(source, data, stored["calibration_sequences_per_domain"])
+        )
+    info = {
+        **content.get("calibration", {}),
+        "reused_from": str(p),
+        "calibration_tokens": 0,
+        "fingerprint": stored,
+    }
     return scores, info
+
+
+def _check_fingerprint(where: str, stored: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse scores measured from other weights or other calibration sequences, naming which."""
+
+    def short(value: str | None) -> str:
+        return "none (a domain has fewer sequences)" if value is None else f"{value[:12]}…"
+
+    differ = []
+    if stored["source_weights"] != current["source_weights"]:
+        differ.append(
+            f"other source weights (fingerprint {short(stored['source_weights'])}, this source's "
+            f"{short(current['source_weights'])})"
+        )
+    if stored["calibration_data"] != current["calibration_data"]:
+        n = stored["calibration_sequences_per_domain"]
+        differ.append(
+            f"other calibration data (the first {n} training sequences of every domain: fingerprint "
+            f"{short(stored['calibration_data'])}, this data's {short(current['calibration_data'])})"
+        )
+    if differ:
+        raise UserError(
+            f"{where} was computed from {' and '.join(differ)}; drop pruning.scores to compute them again"
+        )

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sheared.errors import UserError
-from sheared.files import TMP_SUFFIX, atomic_write_json, disk_problem, publish_dir, tmp_path
+from sheared.files import SPACE_ERRNOS, TMP_SUFFIX, DiskError, atomic_write_json, disk_errno, publish_dir
 from sheared.run_dir import (  # names, listing and the manifest live with the run directory
     DAMAGED_SUFFIX,
     MANIFEST,
@@ -165,8 +165,8 @@ def save_checkpoint(
             if _is_main():
                 atomic_write_json(tmp / TRAINER_STATE, trainer_state, indent=1)
                 write_manifest(tmp)
-    except Exception as e:
-        raise _disk_error(e, tmp_path(final), _state_bytes(module, optimizer)) from None
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        raise _disk_error(e, final, _state_bytes(module, optimizer)) from None
     if _is_main():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
@@ -174,14 +174,14 @@ def save_checkpoint(
     return final
 
 
-def _disk_error(e: Exception, path: Path, needed: int) -> Exception:
+def _disk_error(e: BaseException, path: Path, needed: int) -> BaseException:
     """A one-line UserError for a write that failed for lack of space or permission; else `e` itself."""
-    problem = disk_problem(e)
-    if problem is None:
+    code = disk_errno(e)
+    if code is None:
         return e
-    return UserError(
-        f"cannot write the checkpoint {path} ({problem}); it needs about {needed / 2**20:,.0f} MiB; "
-        "free some space and continue with --resume"
+    fix = "free some space" if code in SPACE_ERRNOS else "make the run directory writable"
+    return DiskError(
+        path, code, needed, what=f"the checkpoint {path}", advice=f"{fix} and continue with --resume"
     )
 
 

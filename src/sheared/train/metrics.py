@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sheared.files import guard_writes
 from sheared.run_dir import RunDir, cut_metrics
 
 
@@ -54,8 +55,9 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._file.flush()
+        with guard_writes(self.path):  # a full disk: one line, the lines already written stay
+            self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():

@@ -33,6 +33,7 @@ from sheared.run_dir import (
     TARGET_SEARCH_FILE,
     read_run_state,
 )
+from sheared.train.calibration import check_scores_option
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import pick_device
 from sheared.train.setup import search_on_data, search_scoring, search_shapes
@@ -297,6 +298,8 @@ def _stream_start(cfg: PruneConfig | TrainConfig) -> str:
 def plan(cfg: PruneConfig | TrainConfig, run_dir: str | Path | None = None) -> str:
     """The plan of a run as printable text; raises UserError for anything invalid."""
     pruning = isinstance(cfg, PruneConfig)
+    if pruning:
+        check_scores_option(cfg.pruning)  # what a run refuses, the plan refuses too
     loop = cfg.train
     args, where = _source_args(cfg.source_spec, cfg.shape_config, getattr(cfg, "source_init", None))
     if args is not None:

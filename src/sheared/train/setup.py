@@ -32,7 +32,7 @@ from sheared.pruning.search import DEFAULT_WIDTH_MULTIPLE, TargetSearch, search_
 from sheared.pruning.target import TargetBudget, TargetShape, mask_specs
 from sheared.run_dir import RunDir, checkpoint_step, read_metrics, read_trainer_state
 from sheared.train import checkpoint as ckpt
-from sheared.train.calibration import calibration_items, compute_scores
+from sheared.train.calibration import calibration_items, check_scores_option, compute_scores, load_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
 from sheared.train.teacher import output_weight as teacher_output_weight
@@ -175,6 +175,8 @@ class Resolved:
 
 def resolve_run(cfg: PruneConfig | TrainConfig) -> Resolved:
     """Join the process group, pick the device and resolve the precision: the start of every run."""
+    if isinstance(cfg, PruneConfig):
+        check_scores_option(cfg.pruning)  # before anything is written
     env = init_distributed(cfg.distributed, cfg.train.device)
     precision = Precision.resolve(cfg.train.precision, env.device, env.strategy)
     target = cfg.pruning.target if isinstance(cfg, PruneConfig) and cfg.pruning.budget is None else None
@@ -190,7 +192,8 @@ class RunInputs:
     resolved: Resolved
     """With the exact target (pruning runs)."""
     scored: tuple[Scores, dict[str, Any]] | None = None
-    """The run's own importance scores when a budget's search already made them."""
+    """The run's own importance scores when a budget's search already made them, or `pruning.scores`
+    (read and checked here, before the run writes anything)."""
 
 
 def load_run_inputs(
@@ -204,6 +207,10 @@ def load_run_inputs(
     if isinstance(cfg, PruneConfig) and cfg.pruning.budget is not None:
         shape, scored = resolve_target(cfg, source, data, resolved, files, resume=resume, progress=progress)
         resolved = dataclasses.replace(resolved, target=shape)
+    elif isinstance(cfg, PruneConfig) and cfg.pruning.scores is not None:  # checked before the run writes
+        scored = load_scores(
+            cfg.pruning.scores, source.args, source=cfg.source_spec, data=data, note=resolved.env.is_main
+        )
     return RunInputs(source, data, resolved, scored)
 
 

@@ -18,6 +18,9 @@ from sheared.export.gguf.writer import write_gguf
 from sheared.files import FAILED_SUFFIX as FAILED_SUFFIX  # re-exported: a GGUF file that failed verification
 from sheared.files import atomic_write_json, failed_path, publish_dir
 
+# About how many bytes a weight takes in each GGUF type (q8_0: 32 int8 weights and one f16 scale per block).
+GGUF_BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "q8_0": 34 / 32}
+
 
 def gguf_path(export_dir: str | Path, gguf_type: str) -> Path:
     """Where `sheared export --gguf` writes the GGUF file of an export: `DIR/model-<type>.gguf`."""
@@ -67,7 +70,10 @@ def export_gguf(
         )
     ids = (default_verification_ids(source.tokenizer) if ids is None else ids).long()
     # written as model-<type>.gguf.tmp, read back, then renamed; a file that fails stays as .unverified
-    with publish_dir(final, replace=force, mkdir=False, keep_failed=(GGUFVerificationError,)) as tmp:
+    needed = sum(p.numel() for p in source.model.parameters()) * GGUF_BYTES_PER_WEIGHT[gguf_type]
+    with publish_dir(
+        final, replace=force, mkdir=False, keep_failed=(GGUFVerificationError,), needed=round(needed)
+    ) as tmp:
         written = write_gguf(source.model, source.tokenizer, source.hf_config, tmp, gguf_type)
         result = verify_gguf(tmp, model_dir, source.model, ids, gguf_type)
         entry = {"path": str(final), "type": gguf_type, "bytes": tmp.stat().st_size, **written, **result}

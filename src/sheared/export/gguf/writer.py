@@ -3,6 +3,7 @@ as f32, f16 or q8_0 (`encode`; `rounded` is what a file of a type gives back).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -92,10 +93,13 @@ def write_gguf(model: CausalLM, tokenizer: Any, config: Any, path: Path, gguf_ty
         values, qtype = encode(w, gguf_type)
         writer.add_tensor(gguf_name, values, raw_dtype=qtype if values.dtype == np.uint8 else None)
         counts[qtype.name.lower()] = counts.get(qtype.name.lower(), 0) + 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:  # a failed write (a full disk) closes too, so that the removed file's space is freed
+        with contextlib.suppress(Exception):
+            writer.close()
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     if vocab.pre is None:
