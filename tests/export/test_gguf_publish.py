@@ -197,3 +197,34 @@ def test_sigkill_during_a_gguf_export_leaves_the_previous_export_or_the_new_one(
     assert sorted(p.name for p in out.parent.iterdir()) == ["export"]
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["gguf"]["path"] == str(gguf_path(out, "f16")) and report["gguf"]["verified"]
+
+
+def test_a_gguf_that_fails_verification_replaces_nothing(bpe_run, tmp_path, monkeypatch, capsys):
+    """The HF export verifies, its GGUF file does not: the previous export stays, GGUF file included,
+    and the whole build is kept as OUT.unverified/ for inspection."""
+    from sheared.export import gguf as gguf_export
+    from sheared.export.gguf import GGUFTolerance
+
+    out = tmp_path / "export"
+    argv = ["export", str(bpe_run / "runs" / "r"), "--out", str(out), "--force", "--gguf-type", "f16"]
+    assert main(argv) == 0
+    before = _snapshot(out)
+    strict = GGUFTolerance(logit_atol=0.0, logit_rtol=0.0, loss_rel_diff=0.0)  # f16 rounding cannot pass
+    monkeypatch.setitem(gguf_export.TOLERANCES, "f16", strict)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("sheared: error:") == 1
+    kept = tmp_path / "export.unverified"
+    assert err.splitlines()[-1].startswith(
+        "sheared: error: GGUF export failed verification, nothing was replaced: "
+        f"{kept / 'model-f16.gguf.unverified'} failed verification: our GGUF reader: max |logit diff|"
+    )
+    assert _snapshot(out) == before
+    report = json.loads((kept / REPORT_FILE).read_text())
+    assert report["verified"] and not report["gguf"]["verified"]  # the HF part passed, the file did not
+    assert (
+        report["gguf"]["path"] == str(kept / "model-f16.gguf.unverified")
+        and (kept / "model-f16.gguf.unverified").is_file()
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "export.unverified"]

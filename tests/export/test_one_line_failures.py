@@ -43,7 +43,7 @@ def test_demo(tiny_assets, tmp_path, broken_reload, capsys):
         f"source={tiny_assets / 'source'}",
         f"prepared_dir={tmp_path / 'prepared'}",
         "prune_config=configs/tiny/prune.yaml",
-        "prune_overrides=[train.steps=2,train.save_interval=2,train.eval_interval=2,data.max_eval_sequences=1]",
+        "prune_overrides=[train.steps=1,train.save_interval=1,train.eval_interval=1,data.max_eval_sequences=1]",
         "max_new_tokens=1",
     ]
     assert main(["demo", "--run-dir", str(tmp_path / "demo"), *overrides]) == 2
