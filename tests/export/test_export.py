@@ -34,7 +34,7 @@ def test_export_equivalence(case, tmp_path):
     assert report["verified"] and report["max_abs_logit_diff"] <= 1e-4
     # the tolerance is made from the model's own float32 error, measured on the same tokens
     assert 1e-7 < report["float32_error"] < 1e-4
-    assert report["tolerance"] == max(4 * report["float32_error"], 1e-6 * report["max_abs_logit"])
+    assert report["tolerance"] == max(8 * report["float32_error"], 1e-6 * report["max_abs_logit"])
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     assert report["max_abs_logit_diff_float32"] <= report["tolerance"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -115,11 +115,11 @@ def test_a_kept_head_swapped_with_a_dropped_one_fails(tmp_path, monkeypatch):
     )
     assert healthy["verified"] and healthy["max_abs_logit_diff"] <= healthy["tolerance"] < 1e-4
     assert not wrong["verified"] and wrong["float32_error"] == healthy["float32_error"]
-    assert wrong["max_abs_logit_diff"] > 1e4 * wrong["tolerance"]  # measured: 8.8 against 4.3e-5
+    assert wrong["max_abs_logit_diff"] > 1e4 * wrong["tolerance"]  # measured: 8.8 against 8.7e-5
 
 
 @pytest.mark.slow  # SmolLM2-135M from its GGUF file: about 10 s
-def test_a_kept_head_swapped_with_a_dropped_one_fails_on_smollm2(tmp_path, monkeypatch):
+def test_a_kept_head_swapped_with_a_dropped_one_fails_on_smollm2(smollm2_tok, tmp_path, monkeypatch):
     """The same on a real model and its study target (24 layers / 512 / 4 heads in 2 KV groups / 1024)
     on real text: its float32 error is 100 times the tiny model's, the wrong head still far beyond."""
     from sheared.errors import UserError
@@ -127,10 +127,10 @@ def test_a_kept_head_swapped_with_a_dropped_one_fails_on_smollm2(tmp_path, monke
     from sheared.model import load_source
 
     try:
-        source = load_source("smollm2-135m")
+        source = load_source("smollm2-135m", with_tokenizer=False)  # the tokenizer: the session's
     except UserError as e:  # the demo extra is not installed
         pytest.skip(str(e))
-    ids = source.tokenizer(list(REAL_TEXTS), return_tensors="pt", truncation=True, max_length=64).input_ids
+    ids = smollm2_tok(list(REAL_TEXTS), return_tensors="pt", truncation=True, max_length=64).input_ids
     healthy, wrong = _head_swap_case(
         source.model, source.hf_config, TargetShape(24, 512, 4, 2, 1024), ids, tmp_path, monkeypatch
     )

@@ -46,13 +46,16 @@ from sheared.train.config import PruneConfig, TrainConfig
 
 REPORT_FILE = "export_report.json"
 # How close the reload must be: measured, not guessed. The float32 reload and the masked model differ
-# by float32 rounding at best, and how much that is depends on the model (its depth, its largest
-# activations, the sequence length): a SmolLM2 target after one pruning and one bf16 step rounds by
-# 5e-3 in logits, a tiny random model by 1e-6. So the masked model is run in float32 and in float64
-# on the verification tokens, and the reload may differ from either by FLOAT32_ERROR_MULTIPLE times
-# that measured float32 error, never less than FLOAT32_ERROR_FLOOR x max |logit| (a few float32 ulps).
-# The reload's own rounding measured against the model's: at most 1.7x (see tests/export).
-FLOAT32_ERROR_MULTIPLE = 4.0
+# by float32 rounding at best, and how much that is depends on the model and the tokens (depth, the
+# largest activations, sequence length): 3e-7 to 1e-5 in logits for the tiny random test models,
+# 3e-5 to 2e-3 for SmolLM2-135M targets on real text. So the masked model is run in float32 and in
+# float64 on the verification tokens, and the reload may differ from either by FLOAT32_ERROR_MULTIPLE
+# times that measured float32 error, never less than FLOAT32_ERROR_FLOOR x max |logit| (a few float32
+# ulps of the largest logit). Measured on 22 SmolLM2-135M exports (20 random-mask targets with
+# float32 and bfloat16 weights on 2 x 64 and 2 x 256 tokens; a run after one pruning step and after
+# one bf16 continued step), the reload's difference was 0.4 to 2.3 times the model's own error; a
+# kept head swapped with a dropped one moves the logits by 1e5 to 1e6 times it (tests/export).
+FLOAT32_ERROR_MULTIPLE = 8.0
 FLOAT32_ERROR_FLOOR = 1e-6
 FAR_FROM_TARGET = 0.05  # warn when a mask type's expected sparsity is further than this from its target
 DTYPES = ("float32", "bfloat16")  # saved weight dtypes (`--dtype`); `precision.torch_dtype` maps them
