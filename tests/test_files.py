@@ -148,11 +148,39 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)  # a file system that cannot exchange
     monkeypatch.setattr(files.os, "replace", fail_second)
     no_space = pytest.raises(files.DiskError, match=f"cannot write {dest}: No space")
     with no_space, publish_dir(dest, replace=True) as tmp:
         (tmp / "a.txt").write_text("new")
     assert (dest / "a.txt").read_text() == "old"
+    assert _siblings(dest) == ["out"]
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("from a")
+    (b / "y").write_text("from b")
+    if not files.exchange(a, b):
+        pytest.skip("this file system cannot exchange two paths (the two-rename fallback is tested above)")
+    assert [p.name for p in a.iterdir()] == ["y"] and (b / "x").read_text() == "from a"
+
+
+def test_a_swap_killed_between_its_two_renames_is_undone_by_the_next_publish(tmp_path):
+    """Without an atomic exchange a kill can fall between `dest -> aside` and `tmp -> dest`: the next
+    publish_dir puts the previous folder back before anything else."""
+    dest = tmp_path / "out"
+    _old(dest)
+    aside = tmp_path / "out.old.tmp"
+    dest.rename(aside)  # the state such a kill leaves: no `out`, the previous one aside, a new one built
+    (tmp_path / "out.tmp").mkdir()
+    with pytest.raises(Broken), publish_dir(dest, replace=True) as tmp:
+        assert (dest / "a.txt").read_text() == "old" and not aside.exists()
+        assert not any(tmp.iterdir())  # the stale build was removed
+        raise Broken
+    assert (dest / "only-old.txt").read_text() == "old"
     assert _siblings(dest) == ["out"]
 
 

@@ -6,7 +6,9 @@ either the old file or the new one, never half of one; the `.tmp` file is remove
 
 A folder (a checkpoint, an export, a saved tokenizer, a random source) is built the same way by
 `publish_dir`: under a temporary name beside its destination, checked there, then renamed into
-place, with a previous folder kept until the new one is in place.
+place. A previous folder is swapped with the new one in one atomic step where the file system can
+(Linux `renameat2(RENAME_EXCHANGE)`), else renamed aside until the new one is in place and put
+back by the next `publish_dir` if a kill came between the two renames.
 
 Both are the one guarded path of every write: a failure for lack of space or permission, whatever
 library raised it (Python's OSError, torch's zip writer, the Rust of tokenizers and safetensors,
@@ -17,11 +19,13 @@ Writes that cannot be atomic (a token file streamed in pieces) run under `guard_
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -159,9 +163,11 @@ def publish_dir(
 
     Args:
         dest: the final folder (or, with `mkdir=False`, a single file the body writes at `tmp`).
-        replace: replace an existing `dest`. A folder is first renamed aside to `dest.old` + `suffix`
-            and removed only once the new one is in place (put back if that rename fails); a file
-            is replaced by the one rename. Without `replace`, an existing `dest` (other than an empty
+        replace: replace an existing `dest`. A folder is exchanged with `tmp` in one atomic step
+            (`exchange`) and then removed; where the file system cannot exchange, it is first
+            renamed aside to `dest.old` + `suffix` and removed only once the new one is in place
+            (put back if that rename fails, or by the next `publish_dir` after a kill between the
+            two renames); a file is replaced by the one rename. Without `replace`, an existing `dest` (other than an empty
             folder, which a rename replaces) makes the swap fail with FileExistsError.
         suffix: the temporary name's suffix (`.tmp`; an export uses `.export-tmp`). Code that
             cleans up after a killed process recognises leftovers by it: the aside folder ends in
@@ -181,10 +187,13 @@ def publish_dir(
     """
     dest = Path(dest)
     tmp = dest.with_name(dest.name + suffix)
+    aside = dest.with_name(dest.name + ".old" + suffix)
     if not owner:
         yield tmp
         return
     with guard_writes(dest, needed=needed):
+        if aside.exists() and not (dest.exists() or dest.is_symlink()):
+            os.replace(aside, dest)  # a swap killed between its two renames: the previous one comes back
         try:
             _remove(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +202,7 @@ def publish_dir(
             yield tmp
             if fsync:
                 fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
-            _swap_in(tmp, dest, replace=replace, aside=dest.with_name(dest.name + ".old" + suffix))
+            _swap_in(tmp, dest, replace=replace, aside=aside)
         except BaseException as e:
             if isinstance(e, keep_failed) and (tmp.exists() or tmp.is_symlink()):
                 failed = failed_path(dest)
@@ -209,12 +218,38 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+RENAME_EXCHANGE = 2  # renameat2 flag: swap two existing paths atomically (linux/fs.h, Linux >= 3.15)
+AT_FDCWD = -100  # renameat2: paths relative to the working directory (linux/fcntl.h)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the platform or file system cannot
+    (then nothing was changed)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # a C library without renameat2 (glibc < 2.28, musl < 1.2.5)
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def _swap_in(tmp: Path, dest: Path, *, replace: bool, aside: Path) -> None:
-    """Rename `tmp` to `dest`; an existing `dest` (when `replace`) stays as `aside` until then."""
+    """Rename `tmp` to `dest`. An existing folder `dest` (when `replace`) is exchanged with `tmp` in
+    one step, or where that cannot be done, stays as `aside` until `tmp` is renamed."""
     exists = dest.exists() or dest.is_symlink()
     if exists and not replace and not (tmp.is_dir() and _is_empty_dir(dest)):
         raise FileExistsError(errno.EEXIST, f"{dest} exists and is not replaced", str(dest))
     if exists and replace and (dest.is_dir() or tmp.is_dir()):
+        if exchange(tmp, dest):  # `dest` is at every moment the previous folder or the new one
+            fsync_dir(dest.parent)
+            _remove(tmp)  # the previous one; a leftover of a kill here is removed by the next publish_dir
+            return
         _remove(aside)
         os.replace(dest, aside)
         try:

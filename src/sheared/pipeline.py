@@ -86,8 +86,13 @@ def run_stage(cfg: PruneConfig | TrainConfig, run_dir: Path, *, progress: bool =
 
 
 def export_stage(run_dir: Path, out: Path) -> dict[str, Any]:
-    """Export `run_dir` to `out` unless a verified export of it is there; the export report."""
-    from sheared.export import REPORT_FILE, export_run
+    """Export `run_dir` to `out` unless a verified export of it is there; the export report.
+
+    Raises:
+        UserError: the export failed verification (one line; `out` is left as it was).
+    """
+    from sheared.errors import UserError
+    from sheared.export import REPORT_FILE, ExportVerificationError, export_run
 
     report_file = Path(out) / REPORT_FILE
     if report_file.is_file():
@@ -95,7 +100,10 @@ def export_stage(run_dir: Path, out: Path) -> dict[str, Any]:
         if report.get("verified"):
             print(f"  done before: {out}")
             return report
-    report = export_run(run_dir, out, force=Path(out).exists())
+    try:
+        report = export_run(run_dir, out, force=Path(out).exists())
+    except ExportVerificationError as e:
+        raise UserError(f"the export of {run_dir} failed verification: {e}") from None
     print(
         f"  {out}: {describe(report['exported_shape'])}, {report['exported_num_params']:,} "
         f"parameters; reloaded with transformers, max |logit diff| {report['max_abs_logit_diff']:.1e}"

@@ -70,9 +70,14 @@ def test_a_wrong_export_is_never_swapped_in(pruned_run, tmp_path, monkeypatch, c
     out = tmp_path / "export"
     export_run(pruned_run, out)
     before = _snapshot(out)
-    monkeypatch.setattr(export_module, "verify_export", lambda *a, **k: math.nan)
-    assert main(["export", str(pruned_run), "--out", str(out), "--force"]) == 1
-    assert "failed verification" in capsys.readouterr().err
+    real = export_module.reload_logits
+    monkeypatch.setattr(export_module, "reload_logits", lambda out, ids: real(out, ids) * math.nan)
+    assert main(["export", str(pruned_run), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err  # transformers' progress bars, then one line
+    assert "Traceback" not in err and err.endswith("\n")
+    err = err.splitlines()[-1]
+    assert err.startswith("sheared: error: export failed verification, nothing was replaced: ")
+    assert "differs from the model by nan" in err and f"see {tmp_path / 'export.unverified'}" in err
     assert _snapshot(out) == before  # the previous export stays
     failed = json.loads((tmp_path / ("export" + export_module.FAILED_SUFFIX) / REPORT_FILE).read_text())
     assert failed["verified"] is False  # the verdict printed equals the report's

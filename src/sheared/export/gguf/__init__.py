@@ -33,7 +33,6 @@ from sheared.export.gguf.export import (
     gguf_path,
     gguf_summary,
     is_export_dir,
-    run_verification_ids,
 )
 from sheared.export.gguf.layout import (
     DEFAULT_GGUF_TYPE,
@@ -95,7 +94,6 @@ __all__ = [
     "requested_gguf_type",
     "rope_freq_factors",
     "rounded",
-    "run_verification_ids",
     "special_token_ids",
     "tensor_type",
     "verify_gguf",

@@ -120,14 +120,6 @@ def check_run_for_gguf(run_path: str | Path) -> None:
     gguf_vocab(load_tokenizer(spec), args.vocab_size, None, None)
 
 
-def run_verification_ids(run_path: str | Path, export_dir: str | Path) -> torch.Tensor:
-    """The ids the HF export of a run was verified on (its held-out data, else `REAL_TEXTS`)."""
-    from sheared.export.export import resolve_run, verification_ids
-    from sheared.model import load_tokenizer
-
-    return verification_ids(resolve_run(run_path).config, load_tokenizer(export_dir), 4)
-
-
 def gguf_summary(entry: dict[str, Any]) -> list[str]:
     """Two lines for the terminal: the file, and how it was verified."""
     theirs = entry["transformers_loader"]

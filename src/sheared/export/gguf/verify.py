@@ -213,6 +213,8 @@ def _transformers_loader(
     (quality) and rounded to `gguf_type` (exactness); and its tokenizer against the export's."""
     from transformers import AutoModelForCausalLM
 
+    # transformers joins `gguf_file` to the folder for the config: a relative path would be joined twice
+    model_dir, path = model_dir.resolve(), path.resolve()
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf_logits = reference(ids).logits  # (B, T, V)
     for p in reference.parameters():  # tied weights are one parameter
@@ -244,6 +246,7 @@ def _tokenizer_matches(model_dir: Path, path: Path) -> bool:
     from sheared.eval.texts import REAL_TEXTS
 
     texts = [*REAL_TEXTS, "<|im_start|>user\n1234 + 56 = 1290?<|im_end|>\n"]
+    model_dir, path = model_dir.resolve(), path.resolve()  # as in `_transformers_loader`
     ours = AutoTokenizer.from_pretrained(model_dir)
     theirs = AutoTokenizer.from_pretrained(model_dir, gguf_file=str(path))
     return all(ours(t).input_ids == theirs(t).input_ids for t in texts)
