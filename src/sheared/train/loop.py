@@ -189,12 +189,15 @@ def _train(state: RunState, progress: bool) -> RunResult:
     finally:  # an error (divergence, a full disk) prints on its own line, after the bar
         bar.close()
         metrics.close()
+    # every rank decides together whether the run ended dead (after a resume only rank 0 replayed how
+    # long it was dead); before the last barrier, so that no collective on a Python-owned tensor is
+    # still being retired by gloo's worker threads when the process group is torn down (a GIL deadlock)
+    ended_dead = state.dead_run is not None and state.dead_run.ended_dead()
+    ended_dead = all_reduce_sum([float(ended_dead)], state.env)[0] > 0
     if pruning:
         save_masks(state)
     barrier(state.env)
-    # every rank decides together (after a resume only rank 0 replayed how long the run was dead)
-    ended_dead = state.dead_run is not None and state.dead_run.ended_dead()
-    if all_reduce_sum([float(ended_dead)], state.env)[0] > 0 and state.dead_run is not None:
+    if ended_dead and state.dead_run is not None:
         raise DeadRunError(state.dead_run.ended_line(state.files.path, state.cfg.optim.lr))
     return RunResult(
         run_dir=state.files.path,
