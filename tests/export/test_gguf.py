@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_hf_model
+from helpers import BPE_CHAT_TEMPLATE, tiny_hf_model, train_bpe_tokenizer
 from tokenizers import Regex
 
 from sheared.cli import main
@@ -33,34 +33,13 @@ from sheared.model.gguf_file import _unpermute_rotary, permute_rotary
 
 BPE_VOCAB = 300  # ids the tiny tokenizer uses
 VOCAB = 320  # embedding rows: ids 300..319 must become [PAD] tokens
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-)
+CHAT_TEMPLATE = BPE_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A real byte-level BPE tokenizer (GPT-2 splitting), trained offline on the public-domain texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from sheared.eval.texts import REAL_TEXTS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(REAL_TEXTS), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_bpe_tokenizer(BPE_VOCAB)
 
 
 def _hf_dir(path, tokenizer, family="llama", seed=0, **config):

@@ -29,31 +29,17 @@ POLL_S = 0.002
 def bpe_run(tiny_assets, tmp_path_factory):
     """A two-step pruning run of a tiny random source with a small byte-level BPE tokenizer; and a
     checkpoint of it at step 1 (a different export of the same run)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from helpers import train_bpe_tokenizer
 
     from sheared.config import load_config
     from sheared.data.prepare import AutoPrepare, ensure_prepared
-    from sheared.eval.texts import REAL_TEXTS
     from sheared.model import CausalLM, ModelArgs, save_hf
     from sheared.model.families import hf_config_from_args
     from sheared.train.config import PruneConfig
     from sheared.train.loop import run
 
     root = tmp_path_factory.mktemp("bpe-run")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(REAL_TEXTS), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    tokenizer = train_bpe_tokenizer(BPE_VOCAB)
     args = ModelArgs(  # the tiny config's source shape
         family="llama",
         vocab_size=len(tokenizer),

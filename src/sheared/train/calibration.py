@@ -40,6 +40,7 @@ from sheared.pruning.importance import (
     random_scores,
 )
 from sheared.pruning.target import TargetShape
+from sheared.run_dir import RunDir
 from sheared.train.config import PruneConfig, PruningConfig
 from sheared.train.distributed import DistEnv, all_reduce_sum_
 
@@ -181,7 +182,8 @@ def check_scores_option(pruning: PruningConfig) -> None:
         return
     p = Path(pruning.scores)
     if p.is_dir():
-        inside = f" ({p / 'scores.pt'} is there)" if (p / "scores.pt").is_file() else ""
+        scores_file = RunDir(p).scores
+        inside = f" ({scores_file} is there)" if scores_file.is_file() else ""
         raise UserError(
             f"pruning.scores {str(p)!r} is a directory; give the scores.pt file of an earlier run{inside}"
         )

@@ -43,7 +43,7 @@ from sheared.pruning import L0Module, LagrangianConstraint
 from sheared.pruning.compaction import kept_structure
 from sheared.pruning.controller import TargetController
 from sheared.train import checkpoint as ckpt
-from sheared.train.calibration import compute_scores, save_scores
+from sheared.train.calibration import save_scores
 from sheared.train.checkpoint import Trainable
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.distributed import (
@@ -67,6 +67,7 @@ from sheared.train.setup import (
     load_run_inputs,
     open_run_dir,
     resolve_run,
+    run_scores,
 )
 from sheared.train.teacher import load_teacher
 from sheared.train.teacher import output_weight as teacher_output_weight
@@ -274,16 +275,7 @@ def _initialise_masks(
     """`pruning.init`: order each row's initial log_alpha by a one-shot ranking (kept in scores.pt);
     `scored`: (scores, info) a budget's search already computed the same way."""
     env = resolved.env
-    scores, info = scored or compute_scores(
-        cfg,
-        model,
-        model.args,
-        data,
-        env,
-        target=resolved.target,
-        autocast_dtype=resolved.precision.autocast_dtype,
-        progress=env.is_main,
-    )
+    scores, info = run_scores(cfg, model, data, resolved, scored, progress=env.is_main)
     l0.reset_parameters_from_scores(scores, "oneshot" if cfg.pruning.init == "oneshot" else "ranked")
     if env.is_main:
         save_scores(files.scores, scores, model.args, info)

@@ -19,11 +19,11 @@ from sheared.pruning.compaction import kept_structure
 from sheared.pruning.importance import select_masks
 from sheared.pruning.params import expected_num_params
 from sheared.pruning.target import mask_specs
-from sheared.train.calibration import compute_scores, save_scores
+from sheared.train.calibration import save_scores
 from sheared.train.config import PruneConfig
 from sheared.train.distributed import barrier
 from sheared.train.metrics import MetricsWriter
-from sheared.train.setup import Resolved, RunResult, evaluate, initial_sampler, load_run_inputs
+from sheared.train.setup import Resolved, RunResult, evaluate, initial_sampler, load_run_inputs, run_scores
 
 
 def run_oneshot(
@@ -40,16 +40,7 @@ def run_oneshot(
     model = inputs.source.model.eval()  # sharded while loading under FSDP2; scoring needs no DDP wrapper
     if env.is_main:
         save_config(resolved.config_to_save(cfg), files.config)  # the exact target, also of a budget
-    scores, info = inputs.scored or compute_scores(
-        cfg,
-        model,
-        model.args,
-        data,
-        env,
-        target=resolved.target,
-        autocast_dtype=resolved.precision.autocast_dtype,
-        progress=progress,
-    )
+    scores, info = run_scores(cfg, model, data, resolved, inputs.scored, progress=progress)
     specs = mask_specs(model.args, resolved.target)
     masks = select_masks(scores, specs)
     reference = (

@@ -23,7 +23,7 @@ from sheared.data.tokens import PreparedData
 from sheared.errors import UserError
 from sheared.eval.domain_loss import DomainMetrics, domain_metrics
 from sheared.files import atomic_write_json
-from sheared.model import Masks, Source, load_source, read_source_config
+from sheared.model import CausalLM, Masks, Source, load_source, read_source_config
 from sheared.model.args import ModelArgs, describe
 from sheared.model.random_source import ensure_source
 from sheared.precision import Precision
@@ -459,6 +459,28 @@ def _recorded_shape(files: RunDir, cfg: PruneConfig) -> TargetShape | None:
             "or choose another --run-dir"
         )
     return TargetShape(**record["chosen"])
+
+
+def run_scores(
+    cfg: PruneConfig,
+    model: CausalLM,
+    data: PreparedData,
+    resolved: Resolved,
+    scored=None,
+    progress: bool = True,
+) -> tuple[Scores, dict[str, Any]]:
+    """The run's one-shot scores at its target: `scored` (what a budget's search already computed the
+    same way), else computed now."""
+    return scored or compute_scores(
+        cfg,
+        model,
+        model.args,
+        data,
+        resolved.env,
+        target=resolved.target,
+        autocast_dtype=resolved.precision.autocast_dtype,
+        progress=progress,
+    )
 
 
 def initial_sampler(
