@@ -8,6 +8,7 @@ all-reduced (averaged) by `average_gradients`, like DDP does for the model.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -222,6 +223,14 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+GLOO_RETIRE_SECONDS = 0.2
+
+
 def shutdown(env: DistEnv) -> None:
+    """End the process group. Gloo's worker threads retire finished work, and the Python tensors it
+    holds, under the GIL; DDP's reducer later joins those threads in its destructor while holding the
+    GIL, which deadlocks if a retirement is still pending (seen after the last all-reduce of a run). A
+    short sleep here gives them the GIL first; no collective, so a rank that failed cannot hang it."""
     if env.distributed and dist.is_initialized():
+        time.sleep(GLOO_RETIRE_SECONDS)
         dist.destroy_process_group()
