@@ -60,7 +60,7 @@ class TargetController:
     def start(self) -> None:
         """Before the first step of a new run: the projection puts the masks on the target of step 0."""
         if self.kind == "projection":
-            project_(self.l0.log_alpha, self.target(0))
+            project_(self.l0.log_alpha, self.target(0), self.l0.log_alpha_min)
 
     def constraint(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The term added to the loss at `step` and its part per mask type (the Lagrangian; zero for
@@ -72,4 +72,4 @@ class TargetController:
     def after_step(self, step: int) -> None:
         """After the optimiser step of the 0-based `step`: the projection onto the next step's target."""
         if self.kind == "projection":
-            project_(self.l0.log_alpha, self.target(step + 1))
+            project_(self.l0.log_alpha, self.target(step + 1), self.l0.log_alpha_min)

@@ -31,7 +31,14 @@ from torch import nn
 from sheared.errors import UserError
 from sheared.model.args import ModelArgs
 from sheared.model.masks import Masks
-from sheared.pruning.hard_concrete import BETA, LIMIT_LEFT, LIMIT_RIGHT, LOG_ALPHA_MAX, top_k_binary
+from sheared.pruning.hard_concrete import (
+    BETA,
+    LIMIT_LEFT,
+    LIMIT_RIGHT,
+    LOG_ALPHA_MAX,
+    PROJECTION_LOG_ALPHA_MIN,
+    top_k_binary,
+)
 from sheared.pruning.target import MASK_TYPES, MaskSpec
 
 SCORING_METHODS = ("activation", "magnitude", "random")
@@ -53,8 +60,10 @@ DROP_LOW = 2.5
 DECISION_BOUNDARY = BETA * math.log(-LIMIT_LEFT / LIMIT_RIGHT)
 ONESHOT_KEEP_HIGH = LOG_ALPHA_MAX
 ONESHOT_KEEP_LOW = 4.0
-ONESHOT_DROP_HIGH = DECISION_BOUNDARY
-ONESHOT_DROP_LOW = DECISION_BOUNDARY - 1.0
+ONESHOT_DROP_HIGH = (
+    PROJECTION_LOG_ALPHA_MIN + 1.0
+)  # well below the decision boundary (−1.60): P(z != 0) 0.012
+ONESHOT_DROP_LOW = PROJECTION_LOG_ALPHA_MIN
 LEVELS = {  # init -> (keep high, keep low, drop high, drop low)
     "ranked": (KEEP_HIGH, KEEP_LOW, DROP_HIGH, DROP_LOW),
     "oneshot": (ONESHOT_KEEP_HIGH, ONESHOT_KEEP_LOW, ONESHOT_DROP_HIGH, ONESHOT_DROP_LOW),

@@ -36,6 +36,7 @@ class L0Module(nn.Module):
         self.source = source
         self.target = target
         self.clamp_in_place = clamp_in_place
+        self.log_alpha_min = hc.LOG_ALPHA_MIN if clamp_in_place else hc.PROJECTION_LOG_ALPHA_MIN
         self.specs: dict[str, MaskSpec] = {spec.name: spec for spec in mask_specs(source, target)}
         self.log_alpha = nn.ParameterDict(
             {
@@ -68,8 +69,9 @@ class L0Module(nn.Module):
             p.clamp_(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
 
     def bounded(self, log_alpha: torch.Tensor) -> torch.Tensor:
-        """`log_alpha` as a forward pass reads it: clamped into [ln 0.01, ln 100] (already so in place)."""
-        return log_alpha if self.clamp_in_place else log_alpha.clamp(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
+        """`log_alpha` as a forward pass reads it: clamped into [ln 0.01, ln 100] (already so in place),
+        or [PROJECTION_LOG_ALPHA_MIN, ln 100] under the projection controller."""
+        return log_alpha if self.clamp_in_place else log_alpha.clamp(self.log_alpha_min, hc.LOG_ALPHA_MAX)
 
     def sample(self, generator: torch.Generator | None = None) -> Masks:
         """One hard concrete sample of every mask (noise from `generator`, on the CPU)."""

@@ -19,19 +19,21 @@ BISECTION_STEPS = 50  # the bracket is < 20 wide: 50 halvings leave < 1e-13, bel
 
 
 @torch.no_grad()
-def row_shift(log_alpha: torch.Tensor, target_sparsity: float) -> torch.Tensor:
+def row_shift(
+    log_alpha: torch.Tensor, target_sparsity: float, lower: float = hc.LOG_ALPHA_MIN
+) -> torch.Tensor:
     """The shift c (shape: the leading dims of `log_alpha`) that brings every row (last dimension) of
     `log_alpha` to expected sparsity `target_sparsity`, with the clamp of every forward pass applied.
 
-    Targets outside what the clamp allows (every entry at its bound) give the shift to that bound.
+    `lower`: the clamp's lower bound. Targets outside what the clamp allows (every entry at its bound) give the shift to that bound.
     """
     la = log_alpha.double()
     want = 1.0 - target_sparsity  # mean score per row
-    low = hc.LOG_ALPHA_MIN - la.amax(-1)  # (...) every entry at the lower bound or below
+    low = lower - la.amax(-1)  # (...) every entry at the lower bound or below
     high = hc.LOG_ALPHA_MAX - la.amin(-1)  # (...) every entry at the upper bound or above
     for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
-        kept = hc.score((la + mid[..., None]).clamp(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)).mean(-1)
+        kept = hc.score((la + mid[..., None]).clamp(lower, hc.LOG_ALPHA_MAX)).mean(-1)
         too_sparse = kept < want
         low = torch.where(too_sparse, mid, low)
         high = torch.where(too_sparse, high, mid)
@@ -39,10 +41,14 @@ def row_shift(log_alpha: torch.Tensor, target_sparsity: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_(log_alpha: Mapping[str, torch.nn.Parameter], target_sparsity: Mapping[str, float]) -> None:
+def project_(
+    log_alpha: Mapping[str, torch.nn.Parameter],
+    target_sparsity: Mapping[str, float],
+    lower: float = hc.LOG_ALPHA_MIN,
+) -> None:
     """Shift every mask type's `log_alpha` in place onto its (warmed-up) target sparsity.
 
     Not clamped: the order beyond the bounds is kept (a forward pass reads the clamped values,
     `L0Module.bounded`), so that a row lifted to the top early in the warm-up keeps its ranking."""
     for name, p in log_alpha.items():
-        p.add_(row_shift(p, target_sparsity[name])[..., None])
+        p.add_(row_shift(p, target_sparsity[name], lower)[..., None])
