@@ -153,3 +153,11 @@ def train_bpe_tokenizer(vocab_size: int):
     )
     fast.chat_template = BPE_CHAT_TEMPLATE
     return fast
+
+
+def tree_bytes(root) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes (what "byte-identical afterwards" compares)."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

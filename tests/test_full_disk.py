@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tree_bytes
 
 from sheared.cli import main
 from sheared.data.prepare import DomainInput, PrepareConfig, prepare_data
@@ -77,11 +78,6 @@ def fill(disk, leave: int) -> None:
     (disk / "filler").write_bytes(bytes(max(0, free - leave)))
 
 
-def snapshot(root) -> dict[str, bytes]:
-    """Every file under `root` by relative path, with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def leftovers(root) -> list[str]:
     """Temporary files or folders left under `root`."""
     return [str(p) for p in root.rglob("*") if p.name.endswith(TEMPORARY)]
@@ -98,7 +94,7 @@ def test_a_json_file_on_a_full_disk_keeps_the_previous_one(small_disk):
     disk = small_disk(64 * KiB)
     atomic_write_json(disk / "results.json", {"old": 1})
     fill(disk, leave=0)
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     big = {"values": list(range(20_000))}
     needed = len(json.dumps(big, indent=2).encode()) + 1
     with pytest.raises(DiskError) as e:
@@ -107,7 +103,7 @@ def test_a_json_file_on_a_full_disk_keeps_the_previous_one(small_disk):
         f"cannot write {disk / 'results.json'}: No space left on device (0.0 KiB free, about "
         f"{needed / KiB:,.1f} KiB needed); nothing was replaced; free some space and run it again"
     )
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
 
 def _module_and_optimizer():
@@ -124,7 +120,7 @@ def test_a_checkpoint_on_a_full_disk_and_a_read_only_run_directory(small_disk):
     disk = small_disk(1 * MiB)
     save_checkpoint(disk / "run", 1, module, optimizer, {"step": 1}, keep=2)
     fill(disk, leave=64 * KiB)
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     assert "run/checkpoints/step_000001/trainer_state.json" in before
     with pytest.raises(DiskError) as e:  # torch's zip writer: "unexpected pos", wrapped per rank by DCP
         save_checkpoint(disk / "run", 2, module, optimizer, {"step": 2}, keep=2)
@@ -136,7 +132,7 @@ def test_a_checkpoint_on_a_full_disk_and_a_read_only_run_directory(small_disk):
         f"KiB free, about {needed / KiB:,.1f} KiB needed); nothing was replaced; free some space and "
         "continue with --resume"
     )
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
     read_only(disk)
     with pytest.raises(DiskError) as e:
@@ -145,7 +141,7 @@ def test_a_checkpoint_on_a_full_disk_and_a_read_only_run_directory(small_disk):
         f"cannot write the checkpoint {step_2}: Read-only file system; nothing was replaced; make the run "
         "directory writable and continue with --resume"
     )
-    assert snapshot(disk) == before
+    assert tree_bytes(disk) == before
 
 
 def _export_bytes(export) -> int:
@@ -157,13 +153,13 @@ def test_an_hf_export_on_a_full_disk(small_disk, tiny_export, capsys):
     disk = small_disk(_export_bytes(tiny_export) + 4 * MiB)
     shutil.copytree(tiny_export, disk / "export")
     fill(disk, leave=2 * MiB)
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     # safetensors' Rust writer: "SafetensorError: ... No space left on device (os error 28)"
     assert main(["export", str(run), "--out", str(disk / "export"), "--force"]) == 2
     err = one_line(capsys)
     assert f"cannot write the export to {disk} (No space left on device); it needs about " in err
     assert err.endswith("nothing was replaced")
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
 
 def test_a_gguf_export_on_a_full_disk_and_onto_a_read_only_folder(small_disk, tiny_export, capsys):
@@ -171,7 +167,7 @@ def test_a_gguf_export_on_a_full_disk_and_onto_a_read_only_folder(small_disk, ti
     export = disk / "export"
     shutil.copytree(tiny_export, export)
     fill(disk, leave=2 * MiB)
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     # numpy's tofile inside gguf's writer: "OSError: N requested and M written", no errno
     assert main(["export", str(export), "--gguf-type", "f32"]) == 2
     err = one_line(capsys)
@@ -184,7 +180,7 @@ def test_a_gguf_export_on_a_full_disk_and_onto_a_read_only_folder(small_disk, ti
     params = json.loads((export / "export_report.json").read_text())["exported_num_params"]
     assert float(found[2]) == round(params * 4 / MiB, 1)  # f32: 4 bytes a weight
     assert abs(float(found[1]) - 2.0) < 0.1  # the partial file is gone: the space it took is free again
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
     read_only(disk)
     assert main(["export", str(export), "--gguf-type", "f16"]) == 2
@@ -192,7 +188,7 @@ def test_a_gguf_export_on_a_full_disk_and_onto_a_read_only_folder(small_disk, ti
         f"sheared: error: cannot write {export / 'model-f16.gguf'}: Read-only file system; nothing was "
         "replaced; choose a writable folder"
     )
-    assert snapshot(disk) == before
+    assert tree_bytes(disk) == before
 
 
 # --- data prepare -------------------------------------------------------------------------------------
@@ -233,15 +229,15 @@ def test_data_prepare_on_a_full_disk_and_a_read_only_folder(small_disk, tmp_path
 
     prepare("a")
     fill(disk, leave=0)
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     with pytest.raises(DiskError) as e:  # the tokenizer folder (tokenizers' Rust: "os error 28")
         prepare("a", "b")
     assert str(e.value).startswith(f"cannot write {out / 'tokenizer'}: No space left on device (0.0 KiB free")
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
     (disk / "filler").unlink()
     fill(disk, leave=64 * KiB)  # the tokenizer fits, b's 100,000 tokens do not
-    before = snapshot(disk)
+    before = tree_bytes(disk)
     with pytest.raises(DiskError) as e:
         prepare("a", "b")
     texts = [json.loads(line)["text"] for line in Path(inputs["b"]).read_text().splitlines()]
@@ -253,7 +249,7 @@ def test_data_prepare_on_a_full_disk_and_a_read_only_folder(small_disk, tmp_path
     assert message.endswith(
         f"KiB free, up to {bound / KiB:,.1f} KiB needed); nothing was replaced; free some space and run it again"
     )
-    assert snapshot(disk) == before and leftovers(disk) == []
+    assert tree_bytes(disk) == before and leftovers(disk) == []
 
     read_only(disk)
     with pytest.raises(DiskError) as e:
@@ -264,4 +260,4 @@ def test_data_prepare_on_a_full_disk_and_a_read_only_folder(small_disk, tmp_path
     with pytest.raises(UserError, match=f"cannot write {disk / 'new'}: Read-only file system"):
         out = disk / "new"
         prepare("a")
-    assert snapshot(disk) == before
+    assert tree_bytes(disk) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import tree_bytes
 
 from sheared.cli import main
 from sheared.config import load_config, read_yaml
@@ -176,10 +177,6 @@ def test_seeds_sweeps_and_paired_differences(tiny_assets, tmp_path):
 # --- the budget and what defines an arm (no arm runs: the refusals come first) --------------------------
 
 
-def _files(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_a_budget_an_arm_would_overspend_is_refused_with_the_smallest_that_fits(tiny_assets, tmp_path):
     # one step is 8 × 64 = 512 tokens; activation calibration is 8 sequences × 2 domains × 64 = 1,024
     cfg = _config(tiny_assets, "budget_tokens=1000")
@@ -221,7 +218,7 @@ def test_a_finished_arm_made_with_another_budget_target_batch_or_fraction_is_ref
         _finish(
             out / label / "seed-0" / "result.json", {"identity": arm_identity(old, label), "tokens": 8192}
         )
-    before = _files(out)
+    before = tree_bytes(out)
     changes = {
         "budget_tokens=16384": "magnitude/seed-0/result.json was made with budget_tokens 8,192, not 16,384",
         "global_batch_size=4": "magnitude/seed-0/result.json was made with global_batch_size 8, not 4",
@@ -235,19 +232,19 @@ def test_a_finished_arm_made_with_another_budget_target_batch_or_fraction_is_ref
         with pytest.raises(UserError) as e:
             run_study(_config(tiny_assets, "arms=[magnitude,l0-uniform]", change), out)
         assert str(e.value).startswith(f"{out}/{message}; use another --out, or delete {out}/"), str(e.value)
-        assert _files(out) == before
+        assert tree_bytes(out) == before
     # a result of older code (no identity) is checked by its tokens
     result = json.loads((out / "magnitude" / "seed-0" / "result.json").read_text())
     del result["identity"]
     result["tokens"] = 16384  # made with budget_tokens 16384
     (out / "magnitude" / "seed-0" / "result.json").write_text(json.dumps(result))
-    before = _files(out)
+    before = tree_bytes(out)
     assert (
         planned_tokens(plan_arm("magnitude", old, 64, 2, None), old, 64) == 8192
     )  # 16 steps, no calibration
     with pytest.raises(UserError, match=r"was made on 16,384 tokens but this study plans 8,192 for it"):
         run_study(_config(tiny_assets, "arms=[magnitude]"), out)
-    assert _files(out) == before
+    assert tree_bytes(out) == before
     result["tokens"] = 8192
     (out / "magnitude" / "seed-0" / "result.json").write_text(json.dumps(result))
     check_finished_arms(_config(tiny_assets, "arms=[magnitude]"), out, 64, 2)

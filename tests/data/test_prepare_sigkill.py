@@ -21,6 +21,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import tree_bytes
 from sheared.cli import main
 from sheared.data.tokens import METADATA_FILE, PreparedData, read_metadata
 
@@ -83,10 +84,6 @@ def _kill_when(process: multiprocessing.Process, condition) -> None:
     process.join()
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _writing_a_token_file(out: Path) -> bool:
     return out.is_dir() and any(p.name.endswith(".bin.tmp") for p in out.iterdir())
 
@@ -103,7 +100,7 @@ def _listed_files_are_whole(out: Path) -> None:
 
 def test_killed_prepare_reruns_to_the_uninterrupted_bytes(inputs, tmp_path, capsys):
     assert main(_argv(inputs, tmp_path / "expected")) == 0
-    expected = _snapshot(tmp_path / "expected")
+    expected = tree_bytes(tmp_path / "expected")
     data_files = {f"{d}.{s}.bin" for d in DOMAINS for s in ("train", "eval", "val")} | {METADATA_FILE}
     assert {k for k in expected if not k.startswith("tokenizer/")} == data_files
     started = time.perf_counter()
@@ -128,7 +125,7 @@ def test_killed_prepare_reruns_to_the_uninterrupted_bytes(inputs, tmp_path, caps
                 _kill_when(process, lambda: True)
             assert process.exitcode == -signal.SIGKILL, "the run ended before it was killed"
             _listed_files_are_whole(out)
-        assert not out.exists() or _snapshot(out) != expected  # the kills left work to do
+        assert not out.exists() or tree_bytes(out) != expected  # the kills left work to do
         assert main(argv) == 0
-        assert _snapshot(out) == expected, kills
+        assert tree_bytes(out) == expected, kills
     capsys.readouterr()

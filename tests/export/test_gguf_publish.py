@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from helpers import tree_bytes
 
 from sheared.cli import main
 from sheared.export import REPORT_FILE, gguf_path
@@ -74,10 +75,6 @@ def bpe_run(tiny_assets, tmp_path_factory):
     ]
     run(load_config(PruneConfig, "configs/tiny/prune.yaml", overrides), root / "runs" / "r", progress=False)
     return root
-
-
-def _snapshot(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_relative_paths_as_in_the_readme(bpe_run, monkeypatch, capsys):
@@ -159,7 +156,7 @@ def test_sigkill_during_a_gguf_export_leaves_the_previous_export_or_the_new_one(
     durations = []
     for step in (1, 2):
         durations.append(_export(argv(step)))
-        exports[step] = _snapshot(out)
+        exports[step] = tree_bytes(out)
     assert exports[1][REPORT_FILE] != exports[2][REPORT_FILE]
     assert exports[1]["model-f16.gguf"] != exports[2]["model-f16.gguf"]
     rng = random.Random(0)
@@ -172,14 +169,14 @@ def test_sigkill_during_a_gguf_export_leaves_the_previous_export_or_the_new_one(
             _kill(pid, 0.0, condition=building_gguf.exists)
         else:
             _kill(pid, rng.uniform(0.0, max(durations)))
-        got = _snapshot(out)
+        got = tree_bytes(out)
         assert got in (exports[current], exports[new]), f"kill {k}: OUT is neither export"
         outcomes.append("previous" if got == exports[current] else "new")
         print(f"kill {k}: OUT holds the {outcomes[-1]} export")
         current = current if got == exports[current] else new
     assert "previous" in outcomes  # at least one kill fell before the swap
     assert main(argv(3 - current)) == 0  # the next run replaces it, and cleans what the kills left
-    assert _snapshot(out) == exports[3 - current]
+    assert tree_bytes(out) == exports[3 - current]
     assert sorted(p.name for p in out.parent.iterdir()) == ["export"]
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["gguf"]["path"] == str(gguf_path(out, "f16")) and report["gguf"]["verified"]
@@ -194,7 +191,7 @@ def test_a_gguf_that_fails_verification_replaces_nothing(bpe_run, tmp_path, monk
     out = tmp_path / "export"
     argv = ["export", str(bpe_run / "runs" / "r"), "--out", str(out), "--force", "--gguf-type", "f16"]
     assert main(argv) == 0
-    before = _snapshot(out)
+    before = tree_bytes(out)
     strict = GGUFTolerance(logit_atol=0.0, logit_rtol=0.0, loss_rel_diff=0.0)  # f16 rounding cannot pass
     monkeypatch.setitem(gguf_export.TOLERANCES, "f16", strict)
     capsys.readouterr()
@@ -206,7 +203,7 @@ def test_a_gguf_that_fails_verification_replaces_nothing(bpe_run, tmp_path, monk
         "sheared: error: GGUF export failed verification, nothing was replaced: "
         f"{kept / 'model-f16.gguf.unverified'} failed verification: our GGUF reader: max |logit diff|"
     )
-    assert _snapshot(out) == before
+    assert tree_bytes(out) == before
     report = json.loads((kept / REPORT_FILE).read_text())
     assert report["verified"] and not report["gguf"]["verified"]  # the HF part passed, the file did not
     assert (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_bytes
 
 from sheared.cli import main
 from sheared.data.sampler import DomainMixtureSampler
@@ -41,11 +42,6 @@ def _same_metrics(a_dir, b_dir) -> None:
 def _error_lines(capsys) -> list[str]:
     """The `sheared: error:` lines of stderr (progress bars may share stderr)."""
     return [line for line in capsys.readouterr().err.splitlines() if "sheared: error:" in line]
-
-
-def _tree(root) -> dict[str, bytes]:
-    """Every file under `root` (relative path -> bytes)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _argv(cfg, run_dir, *extra) -> list[str]:
@@ -349,7 +345,7 @@ def test_a_checkpoint_that_matches_its_manifest_but_cannot_load_is_one_line(four
     shutil.copytree(root / "run", tmp_path / "run")
     newest = ckpt.list_checkpoints(tmp_path / "run")[-1]
     _damage(newest, "unloadable")
-    before = _tree(tmp_path / "run")
+    before = tree_bytes(tmp_path / "run")
     argv = ["prune", "--resume", *_argv(cfg("train.steps=6"), tmp_path / "run", "train.steps=6")[1:]]
     assert main([*argv, "train.save_interval=2", *SMALL]) == 2
     (err,) = _error_lines(capsys)
@@ -357,20 +353,20 @@ def test_a_checkpoint_that_matches_its_manifest_but_cannot_load_is_one_line(four
         f"sheared: error: checkpoint {newest} matches its manifest.json but cannot be loaded (RuntimeError: "
         "PytorchStreamReader failed reading zip archive"
     )
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
 
 
 def test_a_finished_run_is_left_as_it_is(four_steps, tmp_path, capsys):
     root, cfg = four_steps
     shutil.copytree(root / "full", tmp_path / "run")
-    before = _tree(tmp_path / "run")
+    before = tree_bytes(tmp_path / "run")
     argv = ["prune", "--resume", *_argv(cfg("train.steps=6"), tmp_path / "run", "train.steps=6")[1:]]
     argv += ["train.save_interval=2", *SMALL]
 
     assert main([*argv, "train.keep_checkpoints=1"]) == 0  # a no-op, whatever keep_checkpoints says
     out = capsys.readouterr().out
     assert out == f"{tmp_path / 'run'} holds a finished run (step 6 of 6, final masks); nothing to resume\n"
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
 
     assert main([*argv, "pruning.method=activation"]) == 2  # would have replaced it with one-shot masks
     (err,) = _error_lines(capsys)
@@ -378,11 +374,11 @@ def test_a_finished_run_is_left_as_it_is(four_steps, tmp_path, capsys):
         f"sheared: error: --resume cannot change pruning.method: the run in {tmp_path / 'run'} has l0, this "
         "config activation; resume with l0, or start the new run in another --run-dir (or with --restart)"
     )
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
 
     for step in ("step_000004", "step_000006"):  # its checkpoints gone: nothing to resume from
         shutil.rmtree(tmp_path / "run" / "checkpoints" / step)
-    before = _tree(tmp_path / "run")
+    before = tree_bytes(tmp_path / "run")
     assert main(argv) == 2
     (err,) = _error_lines(capsys)
     assert err == (
@@ -390,14 +386,14 @@ def test_a_finished_run_is_left_as_it_is(four_steps, tmp_path, capsys):
         "checkpoint to resume from (its checkpoints are gone); pass --restart to move its files to "
         "run.replaced-1 and start again from step 0, or choose another --run-dir"
     )
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
 
 
 def test_a_finished_one_shot_run_is_left_as_it_is(tiny_config, tmp_path, capsys):
     cfg = tiny_config()
     argv = _argv(cfg, tmp_path / "run", "pruning.method=activation", "data.max_eval_sequences=2")
     assert main(argv) == 0
-    before = _tree(tmp_path / "run")
+    before = tree_bytes(tmp_path / "run")
     capsys.readouterr()
     assert main(["prune", "--resume", *argv[1:]]) == 0
     assert capsys.readouterr().out == (
@@ -408,7 +404,7 @@ def test_a_finished_one_shot_run_is_left_as_it_is(tiny_config, tmp_path, capsys)
     assert (
         "--resume cannot change pruning.method: the run in" in err and "has activation, this config l0" in err
     )
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
 
 
 def test_a_run_that_died_before_its_first_checkpoint_starts_again_only_with_restart(
@@ -426,7 +422,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again_only_with_rest
     with pytest.raises(Crash):
         run(tiny_config(*overrides), tmp_path / "run", progress=False)
     monkeypatch.setattr(DomainMixtureSampler, "next_global_batch", real_next)
-    before = _tree(tmp_path / "run")
+    before = tree_bytes(tmp_path / "run")
     with pytest.raises(
         UserError, match="stopped before its first checkpoint; pass --restart to move its files"
     ):
@@ -437,7 +433,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again_only_with_rest
         "--restart to move its files to run.replaced-1 and start again from step 0",
     ):
         run(tiny_config(*overrides), tmp_path / "run", resume=True, progress=False)
-    assert _tree(tmp_path / "run") == before
+    assert tree_bytes(tmp_path / "run") == before
     with pytest.raises(UserError, match="pass one"):
         run(tiny_config(*overrides), tmp_path / "run", resume=True, restart=True, progress=False)
     capsys.readouterr()
@@ -446,7 +442,7 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again_only_with_rest
         f"moved the earlier run in {tmp_path / 'run'} to {tmp_path / 'run.replaced-1'}"
         in capsys.readouterr().out
     )
-    assert _tree(tmp_path / "run.replaced-1") == before  # every file kept, byte for byte
+    assert tree_bytes(tmp_path / "run.replaced-1") == before  # every file kept, byte for byte
     run(tiny_config(*overrides), tmp_path / "fresh", progress=False)
     _same_metrics(tmp_path / "fresh", tmp_path / "run")
 
