@@ -17,6 +17,8 @@ from sheared.model.args import describe
 from sheared.pruning.target import TargetShape
 from sheared.run_dir import RunDir
 from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.deadline import Deadline
+from sheared.train.setup import RunResult
 
 RunConfig = TypeVar("RunConfig", PruneConfig, TrainConfig)
 
@@ -68,21 +70,30 @@ def with_steps(cfg: RunConfig, steps: int, evaluations: int, checkpoints: int = 
 # --- stages ---------------------------------------------------------------------------------------
 
 
-def run_stage(cfg: PruneConfig | TrainConfig, run_dir: Path, *, progress: bool = True) -> bool:
-    """Run `cfg` into `run_dir`, or finish it; a finished run is kept as it is. Returns whether it ran."""
+def run_stage(
+    cfg: PruneConfig | TrainConfig, run_dir: Path, *, progress: bool = True, deadline: Deadline | None = None
+) -> RunResult | None:
+    """Run `cfg` into `run_dir`, or finish it; a finished run is kept as it is. Returns what ran
+    (None when it was finished before)."""
     from sheared.train.loop import run
 
     files = RunDir(run_dir)
     if files.finished(cfg.train.steps):
         print(f"  done before: {run_dir}")
-        return False
+        return None
     # a run that stopped before its first checkpoint starts again, its files moved aside to
     # RUN.replaced-N/; an unfinished one-shot run (no checkpoints) is done again in place
     one_shot = isinstance(cfg, PruneConfig) and cfg.pruning.one_shot
     started = files.is_run() or files.holds_run()
     restart = not one_shot and started and files.newest_checkpoint() is None
-    run(cfg, run_dir, resume=files.path.exists() and not restart, restart=restart, progress=progress)
-    return True
+    return run(
+        cfg,
+        run_dir,
+        resume=files.path.exists() and not restart,
+        restart=restart,
+        progress=progress,
+        deadline=deadline,
+    )
 
 
 def export_stage(run_dir: Path, out: Path) -> dict[str, Any]:
@@ -123,3 +134,14 @@ def continue_and_export(cfg: TrainConfig, run_dir: Path, out: Path) -> Path:
     run_stage(cfg, run_dir)
     export_stage(run_dir, out)
     return out
+
+
+def exported_before(run_dir: Path, out: Path) -> bool:
+    """Whether `out` holds a verified export of `run_dir`."""
+    from sheared.export import REPORT_FILE
+
+    report_file = Path(out) / REPORT_FILE
+    if not report_file.is_file():
+        return False
+    report = json.loads(report_file.read_text())
+    return bool(report.get("verified")) and report.get("run_dir") == str(run_dir)

@@ -15,6 +15,7 @@ A run of `sheared prune` or `sheared train` writes (docs/formats.md has the deta
       scores.pt             one-shot scores of every structure (one-shot runs and scored l0 inits)
       target_search.json    budget targets: the ranked candidates and the chosen shape
       final_state.json      one-shot runs: domains, weights, reference losses, tokens (no checkpoint)
+                            continued pretraining ended early by a deadline: its last step
       report/               `sheared report` output
 
 A run moved aside by `--restart` keeps these files in `RUN.replaced-N/` beside it.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -308,7 +310,8 @@ class RunDir:
         - one-shot pruning: `final_state.json` (written last) and `masks/masks.pt` exist;
         - learned pruning: its newest complete checkpoint is of the final step, and the final
           masks (written after it) exist;
-        - continued pretraining: its newest complete checkpoint is of the final step.
+        - continued pretraining: its newest complete checkpoint is of the final step (the step
+          `final_state.json` names, when a deadline ended the run early).
 
         A checkpoint is always written after the final step (`train.save_interval` or not).
 
@@ -328,9 +331,20 @@ class RunDir:
             steps = ((self.latest_config() or {}).get("train") or {}).get("steps")
             if steps is None:
                 return False
+        ended = self.read_final_state() if kind == "train" else None
+        if ended is not None and "last_step" in ended:  # a deadline ended it early
+            steps = ended["last_step"]
         newest = self.newest_checkpoint()
         at_end = newest is not None and newest.name == checkpoint_name(steps)
         return at_end and (kind == "train" or self.masks.is_file())
+
+    def remove_checkpoints(self) -> int:
+        """Delete every checkpoint of the run (a finished run whose model is exported); bytes freed."""
+        if not self.checkpoints.is_dir():
+            return 0
+        freed = sum(f.stat().st_size for f in self.checkpoints.rglob("*") if f.is_file())
+        shutil.rmtree(self.checkpoints)
+        return freed
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints (those with a manifest), oldest first; not verified."""

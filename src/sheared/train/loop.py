@@ -46,6 +46,7 @@ from sheared.train import checkpoint as ckpt
 from sheared.train.calibration import save_scores
 from sheared.train.checkpoint import Trainable
 from sheared.train.config import PruneConfig, TrainConfig
+from sheared.train.deadline import Deadline, StepTimes
 from sheared.train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -100,6 +101,16 @@ class RunState:
     tokens: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
+    last_step: int = 0
+    """The step the run ends at: `train.steps`, or earlier when a deadline shortened it."""
+    deadline: Deadline | None = None
+    times: StepTimes = field(default_factory=StepTimes)
+
+    def is_eval_step(self, step: int) -> bool:
+        return self.cfg.train.is_eval_step(step) or step == self.last_step
+
+    def is_save_step(self, step: int) -> bool:
+        return self.cfg.train.is_save_step(step) or step == self.last_step
 
     @property
     def l0(self) -> L0Module | None:
@@ -139,12 +150,17 @@ def run(
     resume: bool = False,
     restart: bool = False,
     progress: bool = True,
+    deadline: Deadline | None = None,
 ) -> RunResult:
     """Run `sheared prune` (a `PruneConfig`) or `sheared train` (a `TrainConfig`) into `run_dir`.
 
     `resume`: continue the run there from its newest intact checkpoint (a finished run is left as it
     is); `restart`: move the run there aside to `RUN.replaced-N/` and start again (`open_run_dir`).
+    `deadline` (continued pretraining only): end by then, shortening the run if its speed says it
+    must (`sheared.train.deadline`).
     """
+    if deadline is not None and isinstance(cfg, PruneConfig):
+        raise ValueError("a deadline shortens continued-pretraining runs only (pruning schedules its masks)")
     resolved = resolve_run(cfg)
     env, files = resolved.env, rf.RunDir(run_dir)
     try:
@@ -156,6 +172,7 @@ def run(
         if isinstance(cfg, PruneConfig) and cfg.pruning.one_shot:
             return run_oneshot(cfg, files, resolved, resume, progress and env.is_main)
         state = set_up(cfg, files, resolved, opening.checkpoint)
+        state.deadline = deadline
         if env.is_main and progress:
             print(f"data stream: {state.resolved.stream_start}", flush=True)
         return _train(state, progress and env.is_main)
@@ -174,19 +191,28 @@ def _train(state: RunState, progress: bool) -> RunResult:
             before["step"], _watched_loss(state, before), float(before["grad_norm"]), quiet=True
         )
     bar = tqdm(
-        total=loop.steps, initial=state.step, disable=not progress, desc="prune" if pruning else "train"
+        total=state.last_step, initial=state.step, disable=not progress, desc="prune" if pruning else "train"
     )
     record: dict[str, Any] = {}
     try:
-        for step in range(state.step, loop.steps):
+        step = state.step
+        while step < state.last_step:
+            t0 = time.perf_counter()
             record = train_step(state, step)
-            if loop.is_eval_step(step + 1):
+            state.times.steps.append(time.perf_counter() - t0)
+            if state.is_eval_step(step + 1):
+                t0 = time.perf_counter()
                 record.update(evaluate_and_reweight(state))
+                state.times.evaluation = time.perf_counter() - t0
+            _keep_deadline(state, step + 1, record, bar)
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(_progress_line(state, record))
-            if loop.is_save_step(step + 1):
+            if state.is_save_step(step + 1):
+                t0 = time.perf_counter()
                 save(state)
+                state.times.checkpoint = time.perf_counter() - t0
+            step += 1
     finally:  # an error (divergence, a full disk) prints on its own line, after the bar
         bar.close()
         metrics.close()
@@ -197,15 +223,20 @@ def _train(state: RunState, progress: bool) -> RunResult:
     ended_dead = all_reduce_sum([float(ended_dead)], state.env)[0] > 0
     if pruning:
         save_masks(state)
+    if state.last_step < loop.steps and state.env.is_main:  # after the final checkpoint: ended early
+        rf.write_final_state(
+            state.files.path, {"last_step": state.last_step, "planned_steps": loop.steps, "ended": "deadline"}
+        )
     barrier(state.env)
     if ended_dead and state.dead_run is not None:
         raise DeadRunError(state.dead_run.ended_line(state.files.path, state.cfg.optim.lr))
     return RunResult(
         run_dir=state.files.path,
-        steps=loop.steps,
+        steps=state.last_step,
         final_loss=record.get("lm_loss", math.nan),
         eval_losses=state.last_eval,
         domain_weights=dict(zip(state.domains, state.sampler.weights)),
+        times=state.times,
     )
 
 
@@ -264,6 +295,7 @@ def set_up(
         teacher=teacher,
         controller=controller,
         dead_run=DeadRunGuard(loop.dead_steps, loop.steps, math.log(model.args.vocab_size), env.is_main),
+        last_step=loop.steps,
     )
     _resume_or_start(state, checkpoint, previous)
     return state
@@ -306,6 +338,8 @@ def _resume_or_start(state: RunState, checkpoint: Path | None, previous: dict[st
     state.sampler.load_state_dict(saved["sampler"])
     state.resolved = dataclasses.replace(state.resolved, stream_start=f"checkpoint step {saved['step']}")
     state.step, state.tokens, state.history = saved["step"], saved["tokens"], saved["history"]
+    if saved.get("last_step", state.last_step) < saved.get("planned_steps", state.last_step):
+        state.last_step = saved["last_step"]  # a deadline shortened the run: its schedule stays compressed
     state.reference, state.resumed = saved["reference_losses"], True
     if env.is_main:
         ckpt.remove_leftovers(files.path, state.cfg.train.keep_checkpoints)
@@ -327,7 +361,8 @@ def train_step(state: RunState, step: int) -> dict[str, Any]:
     loop, accum = cfg.train, state.accumulation_steps
     t0 = time.perf_counter()
     set_learning_rates(
-        state.optimizer, lr_multiplier(step, loop.steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
+        state.optimizer,
+        lr_multiplier(step, state.last_step, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio, loop.steps),
     )
     items = rank_slice(state.sampler.next_global_batch(loop.global_batch_size), env.rank, env.world_size)
     sums = torch.zeros(3, dtype=torch.float64)  # loss, ce, kd of this rank, averaged over micro-batches
@@ -532,6 +567,28 @@ class DeadRunGuard:
         )
 
 
+def _keep_deadline(state: RunState, done: int, record: dict[str, Any], bar: tqdm) -> None:
+    """Shorten the run when its deadline says so (rank 0 decides; every rank follows)."""
+    if state.deadline is None:
+        return
+    last = state.last_step
+    if state.env.is_main:
+        last = state.deadline.last_step(
+            done, last, state.times, state.cfg.train.is_eval_step, state.cfg.train.is_save_step
+        )
+    last = round(all_reduce_sum([float(last if state.env.is_main else 0)], state.env)[0])
+    if last < state.last_step:
+        state.last_step = last
+        record["last_step"] = last
+        bar.total = last
+        bar.refresh()
+        if state.env.is_main:
+            tqdm.write(
+                f"sheared: at this speed ({state.times.step():.2f} s/step) the run ends at step {last} of "
+                f"{state.cfg.train.steps} to keep its deadline; its learning rate decays to the end by then"
+            )
+
+
 def _hardening(state: RunState, step: int) -> bool:
     """Whether the 0-based `step` trains under the exact-target masks (`pruning.harden_fraction`)."""
     steps = state.cfg.train.steps
@@ -661,6 +718,8 @@ def save(state: RunState) -> Path:
     trainer_state = {
         "step": state.step,
         "tokens": state.tokens,
+        "last_step": state.last_step,
+        "planned_steps": state.cfg.train.steps,
         "world_size": state.env.world_size,
         "global_batch_size": state.cfg.train.global_batch_size,
         "sampler": state.sampler.state_dict(),

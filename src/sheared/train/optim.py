@@ -11,7 +11,9 @@ from torch import nn
 from sheared.train.config import OptimConfig, PruningConfig
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, min_ratio: float) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_fraction: float, min_ratio: float, planned_steps: int | None = None
+) -> float:
     """Linear warm-up from 0, then cosine from 1 down to `min_ratio` at the last step.
 
     Args:
@@ -19,8 +21,12 @@ def lr_multiplier(step: int, total_steps: int, warmup_fraction: float, min_ratio
         total_steps: number of optimizer steps.
         warmup_fraction: fraction of the steps spent warming up.
         min_ratio: final multiplier.
+        planned_steps: the steps the warm-up was sized for, when a deadline shortened the run to
+            `total_steps` (the warm-up keeps its length; only the decay is compressed).
     """
     warmup = round(warmup_fraction * total_steps)
+    if planned_steps is not None and planned_steps != total_steps:
+        warmup = min(round(warmup_fraction * planned_steps), max(total_steps - 1, 0))
     if step < warmup:
         return (step + 1) / warmup
     decay_steps = max(total_steps - warmup - 1, 1)

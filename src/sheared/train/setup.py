@@ -34,6 +34,7 @@ from sheared.run_dir import RunDir, checkpoint_step, read_metrics, read_trainer_
 from sheared.train import checkpoint as ckpt
 from sheared.train.calibration import calibration_items, check_scores_option, compute_scores, load_scores
 from sheared.train.config import DataConfig, LoopConfig, PruneConfig, PruningConfig, TrainConfig
+from sheared.train.deadline import StepTimes
 from sheared.train.distributed import DistEnv, barrier, init_distributed, load_sharded
 from sheared.train.teacher import output_weight as teacher_output_weight
 
@@ -49,6 +50,8 @@ class RunResult:
     domain_weights: dict[str, float]
     ran: bool = True
     """False when the run was finished before and nothing ran (`--resume` of a finished run)."""
+    times: StepTimes | None = None
+    """Seconds of its steps, its last evaluation and its last checkpoint (a run that ran)."""
 
 
 @dataclass(frozen=True)
