@@ -45,3 +45,27 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys, tmp_pa
     assert main([*argv, *(["--run-dir", str(tmp_path)] if argv[0] == "demo" else [])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sheared: error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_describes_learned_and_one_shot_pruning(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per entry: the checks do not depend on wrapping
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "masks learned while training (pruning.method=l0, the default) or one-shot" in out
+    assert "no training steps" in out and "SPEC" not in out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for words in (
+        "pruning.method=l0 (the default) learns hard-concrete masks",
+        "pruning.controller=projection",
+        "lagrangian is the paper's Lagrangian constraint",
+        "pruning.init=oneshot",
+        "pruning.method=activation|magnitude|random prunes one-shot",
+        "an unfinished one-shot run, which has no checkpoint, is done again",
+    ):
+        assert words in out, words
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "A one-shot run has no training steps" in capsys.readouterr().out

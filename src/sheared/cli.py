@@ -237,11 +237,37 @@ def _write_json_new(path: str, data: dict, force: bool) -> None:
     atomic_write_json(path, data)
 
 
+PRUNE_HELP = (
+    "prune to an exact target shape: masks learned while training (pruning.method=l0, the default) "
+    "or one-shot from activation, magnitude or random scores (no training steps)"
+)
+PRUNE_DESCRIPTION = (
+    "Prune the config's source to pruning.target (an exact shape, or a budget turned into one) and "
+    "write a run directory that `sheared export` turns into a smaller model. "
+    "pruning.method=l0 (the default) learns hard-concrete masks over layers, KV groups, heads, MLP "
+    "channels and hidden dims while training, with dynamic batch loading; pruning.controller=projection "
+    "(the default) holds them on the warmed-up target after every step, lagrangian is the paper's "
+    "Lagrangian constraint; pruning.init=activation|magnitude starts them from a one-shot ranking and "
+    "pruning.init=oneshot from the one-shot choice itself. pruning.method=activation|magnitude|random "
+    "prunes one-shot instead: every structure is scored (activations on pruning.calibration sequences "
+    "per domain, weight norms, or seeded random), the top-scored structures are kept, and there are "
+    "no training steps. docs/method.md has the details."
+)
+TRAIN_HELP = "continued pretraining with dynamic batch loading (and distillation with distill.teacher)"
+TRAIN_DESCRIPTION = (
+    "Continue pretraining a model (an export of `sheared prune`, or any source) on prepared data, "
+    "reweighting the domains online by dynamic batch loading; distill.teacher adds a KL term to a "
+    "teacher of the same tokenizer. An export carries its pruning run's data stream and domain weights on."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sheared",
-        description="Prune a pretrained LLaMA-family model to an exact smaller shape, then continue "
-        "pretraining it (Sheared LLaMA).",
+        description="Prune a pretrained LLaMA-family model to an exact smaller shape (masks learned "
+        "while training, as in Sheared LLaMA, or one-shot from importance scores), export it as a "
+        "verified Hugging Face checkpoint, then continue pretraining it.",
+        epilog="`sheared COMMAND --help` says more about each command; README.md walks through the pipeline.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -277,29 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_reference_loss)
 
-    for name, func, what in (
-        ("prune", cmd_prune, "learn structured masks to the target shape while training (SPEC §2-§5)"),
-        ("train", cmd_train, "continued pretraining with dynamic batch loading"),
+    for name, func, what, description in (
+        ("prune", cmd_prune, PRUNE_HELP, PRUNE_DESCRIPTION),
+        ("train", cmd_train, TRAIN_HELP, TRAIN_DESCRIPTION),
     ):
-        p = sub.add_parser(name, help=what)
+        p = sub.add_parser(name, help=what, description=description)
         p.add_argument("--config", required=True, help="YAML run config (see configs/)")
         p.add_argument(
             "--run-dir",
             default=None,
-            help="where config, metrics, checkpoints and results go (not for --dry-run)",
+            help="where the run's config, metrics and checkpoints go, and a pruning run's final masks "
+            "and scores.pt (not for --dry-run)",
         )
         again = p.add_mutually_exclusive_group()
         again.add_argument(
             "--resume",
             action="store_true",
-            help="continue from the newest intact checkpoint in --run-dir (a finished run is left as it is)",
+            help="continue from the newest intact checkpoint in --run-dir (a finished run is left as it "
+            "is; an unfinished one-shot run, which has no checkpoint, is done again)",
         )
         again.add_argument(
             "--restart",
             action="store_true",
             help="move the run in --run-dir aside to RUN.replaced-N/ and start again from step 0",
         )
-        p.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
+        p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=3e-4")
         p.set_defaults(func=func)
 
@@ -331,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="masks -> a verified standard Hugging Face checkpoint (and GGUF file)")
     p.add_argument(
         "run",
-        help="a run directory (its newest checkpoint), one checkpoint folder, or (with --gguf) an export",
+        help="a run directory (its newest checkpoint; a one-shot run: the source's weights under its "
+        "masks), one checkpoint folder, or (with --gguf) an export",
     )
     p.add_argument("--out", default=None, help="output directory (must be new or empty); not for an export")
     p.add_argument(
@@ -375,7 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="plots and a summary of a prune or train run")
+    p = sub.add_parser(
+        "report",
+        help="plots and summary.md of a run: learned or one-shot pruning, or continued pretraining",
+        description="Write RUN_DIR/report/summary.md and the plots the run has data for: losses, "
+        "domain losses and weights, sparsity (runs with training steps), kept structures and scores "
+        "(pruning runs). A one-shot run has no training steps and gets only the last two.",
+    )
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
@@ -388,7 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("demo", help="run the demo pipeline on the embedded default source")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded SmolLM2-135M on a CPU, within a time budget "
+        "(one-shot prune, export, continue, evaluate, report)",
+    )
     p.add_argument("--config", default=None, help="YAML file of DemoConfig values (optional)")
     p.add_argument("--run-dir", default="runs/demo", help="where results and the resolved config go")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_new_tokens=20")

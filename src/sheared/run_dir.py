@@ -297,12 +297,7 @@ class RunDir:
         """What ran here, from the config the run started with: `prune` (learned masks), `oneshot`
         (one-shot pruning), `train` (continued pretraining), or None (no config.yaml: not a run)."""
         config = self.read_config()
-        if config is None:
-            return None
-        if "pruning" not in config:
-            return "train"
-        method = (config["pruning"] or {}).get("method", LEARNED_METHOD)
-        return "prune" if method == LEARNED_METHOD else "oneshot"
+        return None if config is None else run_kind(config)
 
     def finished(self, steps: int | None = None) -> bool:
         """Whether the run is complete, by the rule of its kind:
@@ -380,6 +375,25 @@ class RunDir:
     def read_final_state(self) -> dict[str, Any] | None:
         """final_state.json of a one-shot run (`read_final_state`), or None."""
         return read_final_state(self.path)
+
+    def load_scores(self) -> dict[str, Any] | None:
+        """scores.pt of a one-shot run or a scored l0 init (`load_run_scores`), or None."""
+        return load_run_scores(self.path)
+
+
+def pruning_method(config: dict[str, Any]) -> str | None:
+    """`pruning.method` of a resolved prune config (`l0` when an older one lacks it); None for training."""
+    if "pruning" not in config:
+        return None
+    return (config["pruning"] or {}).get("method", LEARNED_METHOD)
+
+
+def run_kind(config: dict[str, Any]) -> RunKind:
+    """What a resolved config runs: `prune` (learned masks), `oneshot` (one-shot pruning) or `train`."""
+    method = pruning_method(config)
+    if method is None:
+        return "train"
+    return "prune" if method == LEARNED_METHOD else "oneshot"
 
 
 _MISSING = object()
@@ -663,6 +677,15 @@ def save_final_masks(run_dir: str | Path, masks: dict[str, torch.Tensor], extra:
 def load_masks(run_dir: str | Path) -> dict[str, Any] | None:
     """masks.pt of a finished pruning run ({"masks", "log_alpha", "target", "source"}), or None."""
     path = RunDir(run_dir).masks
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_run_scores(run_dir: str | Path) -> dict[str, Any] | None:
+    """scores.pt of a run ({"scores", "source", "calibration", "fingerprint"}: `sheared.train.calibration`
+    writes it and checks it for reuse), or None."""
+    path = RunDir(run_dir).scores
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)

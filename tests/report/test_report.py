@@ -15,7 +15,7 @@ import yaml
 from sheared.errors import UserError
 from sheared.model.args import ModelArgs
 from sheared.report import load_run, write_report
-from sheared.report.figures import layer_grid
+from sheared.report.figures import layer_grid, plan_figures, plot_losses, plot_scores, ranked_scores
 from sheared.report.run import series, smooth
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,11 +41,11 @@ FINAL_EVAL = {"a": 2.3456789, "b": 3.1234567}
 REFERENCE = {"a": 2.5, "b": 3.0}
 
 
-def _records(steps: int, eval_every: int | None, pruning: bool) -> list[dict]:
+def _records(steps: int, eval_every: int | None, pruning: bool, lagrangian: bool = True) -> list[dict]:
     records = []
     for step in range(1, steps + 1):
         lm = 4.0 * math.exp(-step / 15) + 2.5 + 0.05 * math.sin(step)
-        lag = 0.3 * math.exp(-step / 10) if pruning else 0.0
+        lag = 0.3 * math.exp(-step / 10) if pruning and lagrangian else 0.0
         w = 0.5 + 0.2 * step / steps
         record = {
             "step": step,
@@ -97,19 +97,64 @@ def _masks() -> dict:
     }
 
 
-def make_run(root, *, pruning=True, steps=40, eval_every: int | None = 10, finished=True):
-    """A run directory as `sheared prune` / `sheared train` leave it (config, metrics, masks)."""
+def _scores(masks: dict) -> dict:
+    """scores.pt content whose top-k per row are exactly `masks` (kept: 1 + noise, dropped: noise)."""
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        k: m.double() + 0.5 * torch.rand(m.shape, generator=g, dtype=torch.float64) for k, m in masks.items()
+    }
+    calibration = {"method": "activation", "calibration_tokens": 512, "calibration_sequences": 8}
+    return {"scores": scores, "source": dataclasses.asdict(SOURCE), "calibration": calibration}
+
+
+def make_run(
+    root, *, pruning=True, steps=40, eval_every: int | None = 10, finished=True, scores=False, lagrangian=True
+):
+    """A run directory as `sheared prune` / `sheared train` leave it (config, metrics, masks; scores.pt
+    of a scored l0 init with `scores`)."""
     root.mkdir(parents=True)
     if pruning:
         config = {"source": "runs/src", "pruning": {"target": TARGET}, "train": {"steps": steps}}
     else:
         config = {"model": "runs/export", "train": {"steps": steps}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    lines = [json.dumps(r) for r in _records(steps, eval_every, pruning)]
+    lines = [json.dumps(r) for r in _records(steps, eval_every, pruning, lagrangian)]
     (root / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     if pruning and finished:
         (root / "masks").mkdir()
         torch.save(_masks(), root / "masks" / "masks.pt")
+    if scores:
+        torch.save(_scores(_masks()["masks"]), root / "scores.pt")
+    return root
+
+
+def make_oneshot_run(root, method="activation"):
+    """A run directory as a one-shot `sheared prune` leaves it (`sheared.train.oneshot`): one record of
+    step 0, masks.pt, scores.pt and final_state.json, no checkpoint."""
+    root.mkdir(parents=True)
+    config = {
+        "source": "runs/src",
+        "pruning": {"target": TARGET, "method": method},
+        "train": {"steps": 1, "seed": 0},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    record = {"step": 0, "tokens": 512 if method == "activation" else 0, "calibration_seconds": 0.1}
+    record.update({f"expected_sparsity/{n}": t for n, t in TARGET_SPARSITY.items()})
+    record.update({f"target_sparsity/{n}": t for n, t in TARGET_SPARSITY.items()})
+    record["expected_params"] = 2000.0
+    record.update({f"domain_weight/{d}": 0.5 for d in DOMAINS})
+    record.update({f"eval_loss/{d}": FINAL_EVAL[d] for d in DOMAINS})
+    record.update({f"reference_loss/{d}": REFERENCE[d] for d in DOMAINS})
+    (root / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (root / "masks").mkdir()
+    torch.save(_masks(), root / "masks" / "masks.pt")
+    scores = _scores(_masks()["masks"])
+    if method != "activation":
+        scores["calibration"] = {"method": method, "calibration_tokens": 0}
+    torch.save(scores, root / "scores.pt")
+    (root / "final_state.json").write_text(
+        json.dumps({"step": 0, "tokens": record["tokens"], "method": method})
+    )
     return root
 
 
@@ -129,7 +174,7 @@ def test_pruning_run_report(tmp_path):
         assert_png(run / "report" / f"{name}.png")
         assert f"![{name}]({name}.png)" in summary.read_text()
     text = summary.read_text()
-    assert "pruning (`sheared prune`)" in text
+    assert "pruning with learned masks (`sheared prune`, `pruning.method: l0`)" in text
     assert "- **Steps:** 40 of 40 (20,480 tokens)" in text
     assert "4 layers, hidden 8, 4 query heads in 2 KV groups, intermediate 16" in text  # source
     assert "3 layers, hidden 6, 1 query head in 1 KV group, intermediate 8" in text  # target
@@ -138,7 +183,7 @@ def test_pruning_run_report(tmp_path):
     assert "| b | 3.1235 | 3.0000 | +0.1235 |" in text
     assert "| a | 0.7000 |" in text and "| b | 0.3000 |" in text  # final domain weights
     assert "| kv_group | 0.5001 | 0.5000 | +0.0001 |" in text  # 0.5 + 0.01 * exp(-40 / 8)
-    assert "Kept layers: 0, 2, 3 (3 of 4); hidden size 6 of 8." in text
+    assert "Kept layers: 0, 2, 3 (3 of 4); hidden size 6 of 8; " in text
     assert "| 0 | 0 | 1 | 8 / 16 |" in text  # layer, KV group, query head h = g * r + j
     assert "| 3 | 1 | 3 | 8 / 16 |" in text
     assert "Notes" not in text  # nothing was skipped
@@ -221,3 +266,147 @@ def test_series_smooth_and_layer_grid():
     absent = _masks()
     del absent["masks"]["head"]  # a mask type the target does not shrink keeps everything
     assert layer_grid(absent).query_heads.tolist()[0] == [1, 1, 0, 0]
+
+
+# --- reports that fit the run: which figures, none empty, legends true ------------------------------
+
+LEARNED_FIGURES = {"losses", "domain_losses", "domain_weights", "sparsity", "kept_structures"}
+
+
+def _pngs(folder) -> set[str]:
+    return {p.stem for p in folder.glob("*.png")}
+
+
+def _data_points(ax) -> int:
+    """Points of data an axes shows: lines in data coordinates (not axhline/axvline), images, bars,
+    filled areas."""
+    lines = sum(
+        int(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).sum())
+        for line in ax.get_lines()
+        if line.get_transform() == ax.transData
+    )
+    areas = sum(len(c.get_paths()) for c in ax.collections)
+    return lines + len(ax.images) + len(ax.patches) + areas
+
+
+def _assert_drawn_and_legends_true(fig) -> None:
+    for ax in (a for a in fig.axes if a.get_visible()):
+        assert _data_points(ax) > 0, f"empty axes: {ax.get_title()!r}"
+        legend = ax.get_legend()
+        if legend is not None:
+            drawn = [a.get_label() for a in [*ax.get_lines(), *ax.collections, *ax.patches]]
+            shown = [t.get_text() for t in legend.get_texts()]
+            assert sorted(shown) == sorted(x for x in drawn if x and not x.startswith("_")), ax.get_title()
+
+
+def test_png_files_fit_the_run_kind(tmp_path):
+    learned = write_report(make_run(tmp_path / "l0", scores=True)).parent
+    assert _pngs(learned) == LEARNED_FIGURES | {"scores"}
+    train = write_report(make_run(tmp_path / "train", pruning=False)).parent
+    assert _pngs(train) == {"losses", "domain_losses", "domain_weights"}
+    oneshot = write_report(make_oneshot_run(tmp_path / "oneshot")).parent
+    assert _pngs(oneshot) == {"kept_structures", "scores"}
+    # An earlier report's figures that this run has no data for are not left behind.
+    (oneshot / "losses.png").write_bytes(PNG_SIGNATURE)
+    assert _pngs(write_report(tmp_path / "oneshot").parent) == {"kept_structures", "scores"}
+
+
+@pytest.mark.parametrize(
+    "kind", ["learned", "learned-projection", "learned-long", "unfinished", "train", "one-step", "oneshot"]
+)
+def test_no_planned_figure_is_empty_and_legends_match_lines(tmp_path, kind):
+    root = tmp_path / "run"
+    if kind == "oneshot":
+        make_oneshot_run(root)
+    else:
+        options = {
+            "learned": dict(scores=True),
+            "learned-projection": dict(lagrangian=False),
+            "learned-long": dict(steps=120),
+            "unfinished": dict(steps=12, eval_every=None, finished=False, scores=True),
+            "train": dict(pruning=False),
+            "one-step": dict(pruning=False, steps=1, eval_every=1),
+        }[kind]
+        make_run(root, **options)
+    run = load_run(root)
+    figures, skipped = plan_figures(run)
+    assert figures, "every kind of run has at least one figure"
+    for draw in figures.values():
+        _assert_drawn_and_legends_true(draw(run))
+    if kind == "one-step":
+        assert set(figures) == {"domain_losses"}  # eval points are markers; curves need two steps
+        assert "fewer than two training steps logged: losses.png skipped" in skipped
+    if kind == "unfinished":
+        assert "scores" not in figures and any("scores.png" in line for line in skipped)
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_losses_legend_names_each_line_drawn(tmp_path):
+    short = load_run(make_run(tmp_path / "short", steps=40))  # smoothing would redraw the same line
+    assert _legend(plot_losses(short)) == ["total loss (LM + Lagrangian)", "LM loss"]
+    assert len(plot_losses(short).axes[0].get_lines()) == 2
+    long = load_run(make_run(tmp_path / "long", steps=120))
+    assert _legend(plot_losses(long)) == [
+        "total loss (LM + Lagrangian), per step",
+        "total loss (LM + Lagrangian), smoothed",
+        "LM loss, per step",
+        "LM loss, smoothed",
+    ]
+    projection = load_run(make_run(tmp_path / "projection", lagrangian=False))  # total == LM loss
+    assert _legend(plot_losses(projection)) == ["LM loss"]
+    text = write_report(tmp_path / "projection").read_text()
+    assert "total incl. Lagrangian" not in text and "The total loss differs" not in text
+    assert "total incl. Lagrangian" in write_report(tmp_path / "short").read_text()
+
+
+def test_oneshot_summary_speaks_of_one_shot_pruning(tmp_path):
+    text = write_report(make_oneshot_run(tmp_path / "run")).read_text()
+    assert (
+        "- **Run type:** one-shot pruning by activation importance on 512 calibration tokens (8 sequences); "
+        "no training steps (`sheared prune`, `pruning.method: activation`)"
+    ) in text
+    for absent in ("Steps:", "LM –", "Final training loss", "## Domain weights", "## Sparsity", "losses.png"):
+        assert absent not in text, absent
+    assert "## Evaluation of the pruned model (no training)" in text
+    assert "| a | 2.3457 | 2.5000 | -0.1543 |" in text
+    assert "Kept layers: 0, 2, 3 (3 of 4); hidden size 6 of 8; " in text
+    assert "one-shot pruning has no training steps" in text
+    assert "![kept_structures](kept_structures.png)" in text and "![scores](scores.png)" in text
+    magnitude = write_report(make_oneshot_run(tmp_path / "magnitude", "magnitude")).read_text()
+    assert "one-shot pruning by weight magnitude (no data); no training steps" in magnitude
+    random = write_report(make_oneshot_run(tmp_path / "random", "random")).read_text()
+    assert "one-shot pruning by random scores (the sanity floor), seed 0; no training steps" in random
+
+
+def test_oneshot_kind_without_a_config_is_read_from_the_metrics(tmp_path):
+    run = make_oneshot_run(tmp_path / "run")
+    (run / "config.yaml").unlink()
+    assert load_run(run).kind == "oneshot"
+    assert load_run(make_run(tmp_path / "l0")).kind == "prune"
+
+
+def test_ranked_scores_sorts_every_row():
+    scores = np.array([[0.1, 0.9, 0.5], [3.0, 1.0, 2.0]])
+    kept = np.array([[False, True, True], [True, False, True]])
+    rank, value, is_kept = ranked_scores(scores, kept)
+    assert rank.tolist() == [0, 1, 2, 0, 1, 2]
+    assert value.tolist() == [0.9, 0.5, 0.1, 3.0, 2.0, 1.0]
+    assert is_kept.tolist() == [True, True, False, True, True, False]
+
+
+def test_report_of_a_real_oneshot_run(tiny_config, tmp_path):
+    from sheared.train.loop import run
+
+    cfg = tiny_config("pruning.method=activation", "pruning.calibration=4", "data.max_eval_sequences=2")
+    run(cfg, tmp_path / "run", progress=False)
+    summary = write_report(tmp_path / "run")
+    assert _pngs(summary.parent) == {"kept_structures", "scores"}
+    text = summary.read_text()
+    assert "one-shot pruning by activation importance on 512 calibration tokens (8 sequences)" in text
+    assert "Steps:" not in text and "LM –" not in text
+    data = load_run(tmp_path / "run")
+    assert data.kind == "oneshot" and set(plan_figures(data)[0]) == {"kept_structures", "scores"}
+    _assert_drawn_and_legends_true(plot_scores(data))

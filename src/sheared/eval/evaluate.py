@@ -10,6 +10,7 @@ from typing import Any
 
 from sheared.errors import UserError
 from sheared.eval.domain_loss import domain_losses
+from sheared.eval.table import text_table
 from sheared.eval.throughput import ThroughputSettings, load_hf_model, measure_throughput
 from sheared.files import atomic_write_json
 from sheared.model import load_source
@@ -106,43 +107,46 @@ def evaluate(
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """Readable tables of `evaluate`'s results."""
+    """Readable tables of `evaluate`'s results; every column as wide as its longest name."""
     names = list(results["models"])
     lines = []
     if "domains" in results:
-        domains = list(next(iter(results["domains"].values())))
-        lines.append("per-domain perplexity (eval split)")
-        lines.append(f"{'domain':<14}" + "".join(f"{n[:18]:>20}" for n in names))
-        for d in domains:
-            lines.append(
-                f"{d:<14}" + "".join(f"{results['domains'][n][d]['perplexity']:>20.2f}" for n in names)
-            )
-        mean = {
-            n: math.exp(sum(v["loss"] for v in results["domains"][n].values()) / len(domains)) for n in names
-        }
-        lines.append(f"{'exp(mean loss)':<14}" + "".join(f"{mean[n]:>20.2f}" for n in names))
+        lines += ["per-domain perplexity (eval split)", *_perplexity_table(results["domains"], names)]
     if "tasks" in results:
         from sheared.eval.harness import format_table
 
         for n in names:
             lines += ["", f"lm-eval: {n}", format_table(results["tasks"][n])]
     if "throughput" in results:
-        tp = results["throughput"]["results"]
         s = results["throughput"]["settings"]
-        first = next(iter(tp))
         lines += [
             "",
             f"throughput ({s['dtype']}, batch {s['batch_size']}; forward {s['seq_len']} tokens; "
             f"generate {s['new_tokens']} after {s['prompt_len']}; median of {s['rounds']} rounds in turns)",
-            f"{'model':<20}{'forward tok/s':>15}{'generate tok/s':>16}{'fwd vs ' + first[:10]:>20}{'gen vs ' + first[:10]:>20}",
+            *_throughput_table(results["throughput"]["results"]),
         ]
-        for n in tp:
-            f, g = tp[n]["forward_tokens_per_s"], tp[n]["generate_tokens_per_s"]
-            lines.append(
-                f"{n[:19]:<20}{f:>15.0f}{g:>16.1f}{f / tp[first]['forward_tokens_per_s']:>19.2f}x"
-                f"{g / tp[first]['generate_tokens_per_s']:>19.2f}x"
-            )
     return "\n".join(lines)
+
+
+def _perplexity_table(domains: dict[str, dict[str, dict[str, float]]], names: list[str]) -> list[str]:
+    """Perplexity per domain (rows) and model (columns), and exp of the mean loss."""
+    order = list(domains[names[0]])
+    rows = [[d, *(f"{domains[n][d]['perplexity']:.2f}" for n in names)] for d in order]
+    mean = [math.exp(sum(v["loss"] for v in domains[n].values()) / len(order)) for n in names]
+    rows.append(["exp(mean loss)", *(f"{m:.2f}" for m in mean)])
+    return text_table(["domain", *names], rows, right=range(1, len(names) + 1))
+
+
+def _throughput_table(tp: dict[str, dict[str, float]]) -> list[str]:
+    """Forward and generation tokens/s per model, and their ratios to the first model's."""
+    first = next(iter(tp))
+    f0, g0 = tp[first]["forward_tokens_per_s"], tp[first]["generate_tokens_per_s"]
+    header = ["model", "forward tok/s", "generate tok/s", f"fwd vs {first}", f"gen vs {first}"]
+    rows = []
+    for n, r in tp.items():
+        f, g = r["forward_tokens_per_s"], r["generate_tokens_per_s"]
+        rows.append([n, f"{f:.0f}", f"{g:.1f}", f"{f / f0:.2f}x", f"{g / g0:.2f}x"])
+    return text_table(header, rows, right=range(1, 5))
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sheared.errors import UserError
+from sheared.eval.table import text_table
 
 INSTALL_HINT = "pip install 'sheared[eval]'"
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # what lm-eval's `hf` model accepts as `dtype`
@@ -131,16 +132,7 @@ def format_table(results: dict) -> str:
                     "" if stderr is None else f"{stderr:.4f}",
                 )
             )
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    numeric = {3, 4, 5}  # right-aligned columns
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)]).rstrip() + "\n"
+    return "\n".join(text_table(header, rows, right={3, 4, 5}, rule=True)) + "\n"
 
 
 def _check_arguments(

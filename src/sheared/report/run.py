@@ -1,13 +1,17 @@
 """What a report reads from a run directory (nothing is recomputed, nothing needs the model).
 
-- `config.yaml`: a prune config has `pruning:` (target shape) and `source:`; a train config `model:`;
-- `metrics.jsonl`: one JSON object per step (keys in `sheared.run_dir`);
-- `masks/masks.pt` (finished pruning runs): the exact-target binary masks and both shapes.
+- `config.yaml`: a prune config has `pruning:` (target shape, method) and `source:`; a train config
+  `model:`; `sheared.run_dir.run_kind` reads which kind of run it is;
+- `metrics.jsonl`: one JSON object per step (keys in `sheared.run_dir`); a one-shot run logs one
+  record, of step 0;
+- `masks/masks.pt` (finished pruning runs): the exact-target binary masks and both shapes;
+- `scores.pt` (one-shot runs and scored l0 inits): the score of every structure, and how it was made.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,11 @@ from sheared.run_dir import (
     MASKS_DIR,
     MASKS_FILE,
     METRICS_FILE,
+    SCORES_FILE,
     RunDir,
+    RunKind,
+    pruning_method,
+    run_kind,
 )
 
 # The smoothed training-loss line is an exponential moving average over about this fraction of
@@ -47,13 +55,30 @@ class RunData:
     """The resolved config.yaml ({} when missing)."""
     masks: dict[str, Any] | None = None
     """masks/masks.pt ({"masks", "log_alpha", "target", "source"}), None when not (yet) written."""
+    scores: dict[str, Any] | None = None
+    """scores.pt ({"scores", "source", "calibration", "fingerprint"}), None when the run has none."""
     notes: list[str] = field(default_factory=list)
     """Things found missing or odd while loading, repeated in summary.md."""
 
     @property
+    def kind(self) -> RunKind:
+        """`prune` (learned masks), `oneshot` or `train`: from config.yaml, else from the metrics (a
+        pruning run logs sparsity; a one-shot one logs only step 0)."""
+        if self.config:
+            return run_kind(self.config)
+        if not self.mask_names:
+            return "train"
+        return "oneshot" if all(r["step"] == 0 for r in self.records) else "prune"
+
+    @property
     def pruning(self) -> bool:
-        """A `sheared prune` run (its config has `pruning:`, or its metrics log sparsity)."""
-        return "pruning" in self.config or bool(self.mask_names)
+        """A `sheared prune` run, learned or one-shot."""
+        return self.kind != "train"
+
+    @property
+    def method(self) -> str | None:
+        """`pruning.method` (`l0`, `activation`, `magnitude`, `random`); None for training or unknown."""
+        return pruning_method(self.config)
 
     @property
     def domains(self) -> list[str]:
@@ -66,6 +91,18 @@ class RunData:
         names = _suffixes(self.records, EXPECTED_SPARSITY)
         order = {name: i for i, name in enumerate(MASK_TYPES)}
         return sorted(names, key=lambda n: order.get(n, len(order)))
+
+    @property
+    def has_lagrangian(self) -> bool:
+        """Whether the loss logs a Lagrangian term (the projection controller's is always 0, so its
+        total loss is the LM loss)."""
+        for r in self.records:
+            if r.get("lag_loss") is not None:
+                if float(r["lag_loss"]) != 0.0:
+                    return True
+            elif r.get("loss") is not None and r.get("lm_loss") is not None and r["loss"] != r["lm_loss"]:
+                return True  # older metrics without lag_loss
+        return False
 
     @property
     def eval_records(self) -> list[dict[str, Any]]:
@@ -85,7 +122,7 @@ def _suffixes(records: list[dict[str, Any]], *prefixes: str) -> list[str]:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory (config, metrics, final masks) into a RunData."""
+    """Read a run directory (config, metrics, final masks, scores) into a RunData."""
     files = RunDir(run_dir)
     if not files.metrics.is_file():
         raise UserError(f"{files.path} has no {METRICS_FILE}; is it a run directory?")
@@ -97,12 +134,22 @@ def load_run(run_dir: str | Path) -> RunData:
     if config is None:
         config = {}
         notes.append(f"{CONFIG_FILE} not found; the run type is inferred from the metrics")
-    masks = None
+    masks = _load_or_note(files.load_masks, f"{MASKS_DIR}/{MASKS_FILE}", notes)
+    scores = _load_or_note(files.load_scores, SCORES_FILE, notes)
+    return RunData(
+        run_dir=files.path, records=records, config=config, masks=masks, scores=scores, notes=notes
+    )
+
+
+def _load_or_note(
+    load: Callable[[], dict[str, Any] | None], name: str, notes: list[str]
+) -> dict[str, Any] | None:
+    """A torch file of the run, or None with a note when it cannot be read."""
     try:
-        masks = files.load_masks()
+        return load()
     except (RuntimeError, EOFError, OSError) as e:  # e.g. caught while the run writes it
-        notes.append(f"{MASKS_DIR}/{MASKS_FILE} cannot be read ({type(e).__name__}); read as missing")
-    return RunData(run_dir=files.path, records=records, config=config, masks=masks, notes=notes)
+        notes.append(f"{name} cannot be read ({type(e).__name__}); read as missing")
+        return None
 
 
 # --- small pure helpers --------------------------------------------------------------------------
@@ -115,6 +162,11 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndar
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*pairs)
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def num_points(records: list[dict[str, Any]], key: str) -> int:
+    """How many records log `key` (a value, not None)."""
+    return sum(1 for r in records if r.get(key) is not None)
 
 
 def smooth(values: np.ndarray, window: float) -> np.ndarray:
