@@ -98,6 +98,11 @@ def test_a_deadline_shortens_the_run_and_it_stays_short(tiny_export, tiny_assets
     assert files.finished(12)
     again = run(cfg, tmp_path / "run", resume=True, progress=False)  # finished: nothing runs
     assert again.steps == 6 and len(read_metrics(tmp_path / "run")) == 6
+    from sheared.report import write_report
+
+    write_report(tmp_path / "run")
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "6 of 12 planned: a deadline moved the last step to 6" in summary
 
 
 def test_a_run_resumed_after_shortening_keeps_its_compressed_schedule(tiny_export, tiny_assets, tmp_path):

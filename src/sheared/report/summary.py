@@ -83,6 +83,9 @@ def _header(run: RunData) -> list[str]:
         return lines
     planned = run.config.get("train", {}).get("steps")
     of = f" of {planned}" if planned else ""
+    shortened = last_value(run.records, "last_step")
+    if shortened is not None and planned and shortened < planned:
+        of = f" of {planned} planned: a deadline moved the last step to {int(shortened)}, the learning rate decayed by then"
     lines.append(f"- **Steps:** {last['step']}{of} ({last.get('tokens', 0):,} tokens)")
     lm = last_value(run.records, "lm_loss")
     if lm is not None:
