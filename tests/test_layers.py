@@ -201,13 +201,14 @@ def test_the_literal_check_sees_paths_and_not_prose(tmp_path):
     ]
 
 
-# rooms above the trainer -> what they may import of it (the configs; demo and study also run it)
+# rooms above the trainer -> what they may import of it (the configs; demo and study also run it,
+# demo and pipeline under a deadline)
 TRAINER_IMPORTS_ALLOWED = {
     "report": {"sheared.train.config"},
     "export": {"sheared.train.config"},
-    "demo": {"sheared.train.config", "sheared.train.loop"},
+    "demo": {"sheared.train.config", "sheared.train.loop", "sheared.train.deadline"},
     "study": {"sheared.train.config", "sheared.train.loop"},
-    "pipeline": {"sheared.train.config", "sheared.train.loop"},
+    "pipeline": {"sheared.train.config", "sheared.train.loop", "sheared.train.deadline"},
 }
 
 

@@ -18,7 +18,7 @@ from sheared.pruning.target import TargetShape
 from sheared.run_dir import RunDir
 from sheared.train.config import PruneConfig, TrainConfig
 from sheared.train.deadline import Deadline
-from sheared.train.setup import RunResult
+from sheared.train.loop import RunResult
 
 RunConfig = TypeVar("RunConfig", PruneConfig, TrainConfig)
 
