@@ -62,7 +62,10 @@ class DemoConfig:
     seq_len: int = 256
     """Tokens per packed sequence."""
     eval_sequences: int = 8
-    """Held-out sequences per domain."""
+    """Held-out sequences per domain (the final evaluation of every model reads them all)."""
+    run_eval_sequences: int = 2
+    """Held-out sequences per domain for the evaluations inside the training runs (each reads the
+    eval and the val split, with the teacher: on a CPU one costs several training steps)."""
     max_train_sequences: int = 2000
     """Training sequences per domain (about 0.5M tokens each)."""
     prune_config: str = "configs/smollm2-135m/prune-activation.yaml"
@@ -102,8 +105,13 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.seq_len < 8 or self.eval_sequences < 1 or self.max_train_sequences < 1:
-            raise UserError("seq_len must be at least 8, eval_sequences and max_train_sequences at least 1")
+        if (
+            self.seq_len < 8
+            or min(self.eval_sequences, self.run_eval_sequences, self.max_train_sequences) < 1
+        ):
+            raise UserError(
+                "seq_len must be at least 8, eval_sequences, run_eval_sequences and max_train_sequences at least 1"
+            )
         if self.time_budget_minutes <= 0 or self.max_train_steps < 1 or self.probe_steps < 2:
             raise UserError("time_budget_minutes must be positive, max_train_steps >= 1 and probe_steps >= 2")
 
@@ -387,7 +395,9 @@ def run_demo(cfg: DemoConfig, run_dir: str | Path, clock: Callable[[], float] = 
     timings["prune and export"] = time.perf_counter() - t0
 
     template = load_config(TrainConfig, cfg.train_config, cfg.train_overrides)
-    template = dataclasses.replace(with_data(template, cfg.prepared_dir), model=str(pruned))
+    template = dataclasses.replace(
+        with_data(template, cfg.prepared_dir, max_eval_sequences=cfg.run_eval_sequences), model=str(pruned)
+    )
     main_cfg = with_distill(template) if cfg.distill else template
     t0 = _stage(f"4. plan: continued pretraining sized to the {cfg.time_budget_minutes:g}-minute budget")
     plan = make_plan(cfg, run_dir, main_cfg, budget, export_s)

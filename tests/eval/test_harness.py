@@ -265,3 +265,21 @@ def test_offline_switches_are_restored(monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ
     assert os.environ["HF_DATASETS_OFFLINE"] == "0"
     assert (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
+def test_a_task_folder_with_relative_data_files_works_from_any_directory(model_dir, tmp_path, monkeypatch):
+    """The fixture YAMLs name their data files relative to their folder; the include path is relative
+    to a working directory that is neither that folder nor the repository."""
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = os.path.relpath(FIXTURES, elsewhere)
+    results = run_lm_eval(model_dir, [TF_TASK], include_path=relative, limit=4)
+    assert results["n_samples"][TF_TASK]["effective"] == 4
+    assert 0.0 <= results["tasks"][TF_TASK]["acc,none"] <= 1.0
+    assert results["config"]["include_path"] == str(FIXTURES.resolve())
+    assert (
+        "sheared_tiny_tf.jsonl\n" in (FIXTURES / f"{TF_TASK}.yaml").read_text()
+    )  # the folder is left as it was

@@ -20,6 +20,9 @@ import contextlib
 import difflib
 import math
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,8 +91,8 @@ def run_lm_eval(
 
     # An absolute path also keeps lm-eval from asking the Hub for a "model_sha" of a repo id.
     model_args = {"pretrained": str(model_path), "dtype": dtype}
-    with _offline():
-        manager = _task_manager(TaskManager, names, include, metadata=model_args)
+    with _offline(), _local_files_resolved(include) as readable:
+        manager = _task_manager(TaskManager, names, readable, metadata=model_args)
         task_objects = _load_tasks(manager, names)
         raw = lm_eval.simple_evaluate(
             model="hf",
@@ -133,6 +136,32 @@ def format_table(results: dict) -> str:
                 )
             )
     return "\n".join(text_table(header, rows, right={3, 4, 5}, rule=True)) + "\n"
+
+
+_PATH_VALUE = re.compile(r"^(\s*(?:-\s+|[\w.-]+:\s+))(['\"]?)([^'\"\s#]+)\2(\s*(?:#.*)?)$")
+
+
+@contextlib.contextmanager
+def _local_files_resolved(include: str | None) -> Iterator[str | None]:
+    """`include` as lm-eval should read it: a copy in which every file path a task YAML gives relative
+    to its own folder (`data_files`, `include`) is absolute. `datasets` resolves relative
+    `data_files` against the current directory, so a task folder would work only from inside it."""
+    if include is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="sheared-tasks-") as tmp:
+        copy = Path(tmp) / "tasks"
+        shutil.copytree(include, copy, symlinks=False)
+        for path in copy.rglob("*.y*ml"):
+            folder = Path(include) / path.parent.relative_to(copy)
+            lines = path.read_text().splitlines(keepends=True)
+            for i, line in enumerate(lines):
+                m = _PATH_VALUE.match(line.rstrip("\n"))
+                if m is None or Path(m[3]).is_absolute() or "://" in m[3] or not (folder / m[3]).is_file():
+                    continue
+                lines[i] = f"{m[1]}{m[2]}{(folder / m[3]).resolve()}{m[2]}{m[4]}\n"
+            path.write_text("".join(lines))
+        yield str(copy)
 
 
 def _check_arguments(
