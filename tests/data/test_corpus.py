@@ -306,3 +306,16 @@ def test_full_corpus_matches_corpus_md(tmp_path, monkeypatch):
         megabytes = sum(len(r["text"].encode("utf-8")) for r in records) / 1e6
         expected = CORPUS_MD_MEGABYTES[report.domain]
         assert megabytes >= MIN_FRACTION_OF_CORPUS_MD * expected, (report.domain, megabytes, expected)
+
+
+def test_the_unpacked_packages_go_once_the_corpus_is_written(tmp_path):
+    out, cache = tmp_path / "corpus", tmp_path / "corpus" / ".cache"
+    (cache / "trees" / "somepkg" / "usr").mkdir(parents=True)
+    (cache / "trees" / "somepkg" / "usr" / "file.txt").write_text("x" * 1000)
+    (cache / "debs").mkdir()
+    (cache / "debs" / "somepkg_1.0_all.deb").write_bytes(b"deb")
+    (out / "qa.jsonl").write_text(json.dumps({"text": "a question and its answer " * 20, "source": "t"}) + "\n")
+    build_sample_corpus(out, ["qa"], progress=False)  # kept by default
+    assert (cache / "trees" / "somepkg").is_dir()
+    build_sample_corpus(out, ["qa"], progress=False, keep_unpacked=False)
+    assert not (cache / "trees").exists() and (cache / "debs" / "somepkg_1.0_all.deb").is_file()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tree_bytes
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from helpers import tree_bytes
 from sheared.cli import main
 from sheared.data.tokens import METADATA_FILE, PreparedData, read_metadata
 

@@ -24,9 +24,7 @@ The output is the same for 1 and N workers (chunks are tokenized in order).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -310,7 +308,9 @@ def _pack_domain(
     held_out = {"eval": cfg.eval_sequences, VAL_SPLIT: cfg.val_sequences}
     splits = list(paths)
     with contextlib.ExitStack() as stack:
-        writers = {split: stack.enter_context(TokenFileWriter(paths[split], dtype, vocab_size)) for split in splits}
+        writers = {
+            split: stack.enter_context(TokenFileWriter(paths[split], dtype, vocab_size)) for split in splits
+        }
         bar = stack.enter_context(tqdm(total=len(texts), desc=name, unit="doc", disable=not progress))
         packers = {
             split: _Packer(writers[split], cfg.seq_len, held_out.get(split, cfg.max_train_sequences))
@@ -500,7 +500,9 @@ def prepare_data(cfg: PrepareConfig, tokenizer: Any = None, progress: bool = Tru
 
         with document_encoder(tokenizer, str(tokenizer_dir), convention, cfg.num_workers) as encoder:
             for name in todo:
-                metadata["domains"][name] = _prepare_domain(name, cfg, out, fingerprint["vocab_size"], encoder, progress)
+                metadata["domains"][name] = _prepare_domain(
+                    name, cfg, out, fingerprint["vocab_size"], encoder, progress
+                )
                 metadata["domains"] = _in_config_order(metadata["domains"], cfg)
                 write_metadata(out, metadata)
     return metadata
@@ -557,7 +559,7 @@ def ensure_prepared(
     else:
         from sheared.data.corpus import build_sample_corpus
 
-        build_sample_corpus(auto.corpus_dir, progress=progress)
+        build_sample_corpus(auto.corpus_dir, progress=progress, keep_unpacked=False)  # only its text is read
     prepare_cfg = prepare_config_from_flags(
         str(path),
         [],

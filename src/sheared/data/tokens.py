@@ -195,7 +195,11 @@ class TokenFileWriter:
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high > self._limit:
             bad = low if low < 0 else high
-            where = f"the vocabulary of {self._vocab_size} ids" if self._vocab_size else f"the range of {self.dtype.name}"
+            where = (
+                f"the vocabulary of {self._vocab_size} ids"
+                if self._vocab_size
+                else f"the range of {self.dtype.name}"
+            )
             raise UserError(f"{self.path}: token id {bad} is outside {where}; nothing was written")
         data = tokens.astype(self.dtype, copy=False).tobytes()
         self._file.write(data)

@@ -124,6 +124,7 @@ def build_sample_corpus(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     max_documents_per_domain: int | None = None,
+    keep_unpacked: bool = True,
 ) -> list[DomainReport]:
     """Builds the seven-domain sample corpus (or some domains of it) as JSONL files.
 
@@ -142,6 +143,8 @@ def build_sample_corpus(
         progress: Show tqdm progress bars.
         max_documents_per_domain: Stop each domain after this many documents (for tests and
             smoke runs). The truncated file is cached like a full one, so use a fresh out_dir.
+        keep_unpacked: False deletes the unpacked packages (about 1.2 GB) once every requested domain
+            is written; the downloaded `.deb` files stay, so a rebuild unpacks them again offline.
 
     Returns:
         One report per requested domain, in the order requested.
@@ -180,4 +183,8 @@ def build_sample_corpus(
             " (cached)" if report.cached else "",
         )
         reports.append(report)
+    if not keep_unpacked and all((out / f"{d}.jsonl").exists() for d in requested):
+        freed = packages.remove_unpacked()
+        if freed:
+            logger.info("removed the unpacked packages (%.0f MiB) in %s", freed / 2**20, cache)
     return reports

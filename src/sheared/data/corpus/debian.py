@@ -71,6 +71,14 @@ class _DebianPackages:
         self._update_tried = False
         self._failures: dict[str, str] = {}
 
+    def remove_unpacked(self) -> int:
+        """Delete the unpacked packages (the `.deb` files stay, so a rebuild needs no network); bytes freed."""
+        if not self._trees.is_dir():
+            return 0
+        freed = sum(f.stat().st_size for f in self._trees.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(self._trees)
+        return freed
+
     def tree(self, package: str) -> Path:
         """Returns the folder the package is unpacked in, fetching it first if needed.
 
