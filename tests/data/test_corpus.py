@@ -314,7 +314,9 @@ def test_the_unpacked_packages_go_once_the_corpus_is_written(tmp_path):
     (cache / "trees" / "somepkg" / "usr" / "file.txt").write_text("x" * 1000)
     (cache / "debs").mkdir()
     (cache / "debs" / "somepkg_1.0_all.deb").write_bytes(b"deb")
-    (out / "qa.jsonl").write_text(json.dumps({"text": "a question and its answer " * 20, "source": "t"}) + "\n")
+    (out / "qa.jsonl").write_text(
+        json.dumps({"text": "a question and its answer " * 20, "source": "t"}) + "\n"
+    )
     build_sample_corpus(out, ["qa"], progress=False)  # kept by default
     assert (cache / "trees" / "somepkg").is_dir()
     build_sample_corpus(out, ["qa"], progress=False, keep_unpacked=False)
