@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
+import torch
 
 from sheared import demo
 from sheared.config import load_config
@@ -134,6 +136,7 @@ def test_a_run_counts_its_evaluations_and_checkpoints():
 
 def test_the_plan_is_kept_for_re_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "probe_run", lambda cfg, run_dir, steps: PROBE)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     cfg = demo.DemoConfig()
     budget = demo.DemoBudget(20, time.time() - 6.5 * 60)  # 6.5 minutes spent on the corpus, data and pruning
     plan = demo.make_plan(cfg, tmp_path, _train_cfg(), budget, EXPORT_S)
@@ -190,3 +193,20 @@ def test_run_stage_keeps_a_finished_run_and_runs_an_unfinished_one(tmp_path, mon
     cfg.train.steps = 5  # a longer plan: the run is continued
     run_stage(cfg, run.path)
     assert calls[-1] == ("continued", True, False)
+
+
+def test_the_faster_thread_count_is_kept(monkeypatch, tmp_path):
+    threads = {"now": 2}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["now"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(now=n))
+    speed = {1: 20.0, 2: 32.5}  # seconds per step: two threads beside a busy process are slower
+    monkeypatch.setattr(
+        demo,
+        "probe_run",
+        lambda cfg, run_dir, steps: dataclasses.replace(PROBE, step_s=speed[threads["now"]]),
+    )
+    probe, chosen = demo.probe_threads(None, tmp_path, 3)
+    assert (probe.step_s, chosen, threads["now"]) == (20.0, 1, 1)
+    threads["now"], speed[1] = 2, 40.0  # a quiet machine: two threads stay
+    probe, chosen = demo.probe_threads(None, tmp_path, 3)
+    assert (probe.step_s, chosen, threads["now"]) == (32.5, 2, 2)

@@ -316,14 +316,32 @@ def probe_run(cfg, run_dir: Path, probe_steps: int) -> Probe:
     return Probe(step_s, times.evaluation, times.checkpoint, max(setup, 0.0))
 
 
+def probe_threads(main_cfg, run_dir: Path, probe_steps: int) -> tuple[Probe, int]:
+    """Probe with torch's threads and, when that is more than one, with one thread too (on a machine
+    another process keeps busy, every parallel op of several threads waits for a descheduled one);
+    the faster probe and its thread count, which the demo then keeps."""
+    threads = torch.get_num_threads()
+    probe = probe_run(main_cfg, run_dir / "probe", probe_steps)
+    if threads == 1:
+        return probe, 1
+    torch.set_num_threads(1)
+    single = probe_run(main_cfg, run_dir / "probe", probe_steps)
+    if single.step_s < probe.step_s:
+        return single, 1
+    torch.set_num_threads(threads)
+    return probe, threads
+
+
 def make_plan(cfg: DemoConfig, run_dir: Path, main_cfg, budget: DemoBudget, export_s: float) -> dict:
     """Continued-pretraining steps that fit the time left (kept in plan.json for re-runs)."""
     path = run_dir / "plan.json"
     if path.is_file():
         plan = json.loads(path.read_text())
+        torch.set_num_threads(plan.get("threads", torch.get_num_threads()))
         print(f"  planned before: {plan['steps']} steps ({plan['tokens']:,} tokens per run)")
         return plan
-    probe = probe_run(main_cfg, run_dir / "probe", cfg.probe_steps)
+    threads = torch.get_num_threads()
+    probe, chosen = probe_threads(main_cfg, run_dir, cfg.probe_steps)
     decided = budget.plan(probe, export_s, cfg.max_train_steps, comparison=cfg.distill)
     steps = decided["steps"]
     tokens = steps * main_cfg.train.global_batch_size * (main_cfg.data.seq_len or 256)
@@ -331,12 +349,17 @@ def make_plan(cfg: DemoConfig, run_dir: Path, main_cfg, budget: DemoBudget, expo
         **decided,
         "tokens": tokens,
         "probe": dataclasses.asdict(probe),
+        "threads": chosen,
         "export_s": export_s,
         "elapsed_before_s": budget.elapsed(),
         "budget_minutes": cfg.time_budget_minutes,
     }
     runs = 2 if plan["comparison"] else 1
     evaluations, checkpoints = _events(steps)
+    if threads > 1:
+        print(
+            f"  threads: {chosen} (one thread measured {'faster' if chosen == 1 else 'slower'} than {threads})"
+        )
     print(
         f"  measured: {probe.step_s:.2f} s/step, {probe.evaluation_s:.1f} s per evaluation, "
         f"{probe.checkpoint_s:.1f} s per checkpoint, {probe.setup_s:.1f} s to set a run up; "
