@@ -132,15 +132,22 @@ def format_results(results: dict[str, Any]) -> str:
         first = next(iter(tp))
         lines += [
             "",
-            f"throughput ({s['dtype']}, batch {s['batch_size']}; forward {s['seq_len']} tokens; "
-            f"generate {s['new_tokens']} after {s['prompt_len']}; median of {s['rounds']} rounds in turns)",
-            f"{'model':<20}{'forward tok/s':>15}{'generate tok/s':>16}{'fwd vs ' + first[:10]:>20}{'gen vs ' + first[:10]:>20}",
+            f"throughput ({s['dtype']}, {s['threads']} torch thread(s), batch {s['batch_size']}; forward {s['seq_len']} "
+            f"tokens; generate {s['new_tokens']} after {s['prompt_len']}; median (min-max) of {s['rounds']} rounds "
+            f"in turns; vs {first[:10]}: per round, side by side)",
+            f"{'model':<20}{'forward tok/s':>15}{'min-max':>13}{'generate tok/s':>16}{'min-max':>15}"
+            f"{'fwd vs ' + first[:10]:>22}{'gen vs ' + first[:10]:>22}",
         ]
-        for n in tp:
-            f, g = tp[n]["forward_tokens_per_s"], tp[n]["generate_tokens_per_s"]
+        for n, r in tp.items():
+            fwd = f"{r['forward_tokens_per_s_min']:.0f}-{r['forward_tokens_per_s_max']:.0f}"
+            gen = f"{r['generate_tokens_per_s_min']:.1f}-{r['generate_tokens_per_s_max']:.1f}"
+            vs = {
+                p: f"{r[p + '_vs_first']:.2f}x ({r[p + '_vs_first_min']:.2f}-{r[p + '_vs_first_max']:.2f})"
+                for p in ("forward", "generate")
+            }
             lines.append(
-                f"{n[:19]:<20}{f:>15.0f}{g:>16.1f}{f / tp[first]['forward_tokens_per_s']:>19.2f}x"
-                f"{g / tp[first]['generate_tokens_per_s']:>19.2f}x"
+                f"{n[:19]:<20}{r['forward_tokens_per_s']:>15.0f}{fwd:>13}{r['generate_tokens_per_s']:>16.1f}{gen:>15}"
+                f"{vs['forward']:>22}{vs['generate']:>22}"
             )
     return "\n".join(lines)
 
