@@ -583,9 +583,9 @@ def _finish(
     }
     speed = speedup_line(results.get("throughput"))
     if "throughput" in results:
-        source_tp, pruned_tp = list(results["throughput"]["results"].values())[:2]  # in the order measured
-        result["forward_speedup"] = pruned_tp["forward_tokens_per_s"] / source_tp["forward_tokens_per_s"]
-        result["generate_speedup"] = pruned_tp["generate_tokens_per_s"] / source_tp["generate_tokens_per_s"]
+        pruned_tp = list(results["throughput"]["results"].values())[1]  # the source first, in order measured
+        result["forward_speedup"] = pruned_tp["forward_vs_first"]
+        result["generate_speedup"] = pruned_tp["generate_vs_first"]
     atomic_write_json(run_dir / "demo.json", result)
     print("\n" + table)
     if speed:
@@ -611,11 +611,16 @@ def speedup_line(throughput: dict | None) -> str | None:
     """Pruned vs source throughput (medians over alternating rounds), or None when not measured."""
     if not throughput:
         return None
-    source_tp, pruned_tp = list(throughput["results"].values())[:2]
-    forward = pruned_tp["forward_tokens_per_s"] / source_tp["forward_tokens_per_s"]
-    generate = pruned_tp["generate_tokens_per_s"] / source_tp["generate_tokens_per_s"]
-    rounds = throughput["settings"].get("rounds")
-    return f"Pruned vs source throughput ({rounds} alternating rounds, medians): forward {forward:.2f}x, generation {generate:.2f}x."
+    pruned = list(throughput["results"].values())[1]  # measured against the source, round by round
+    settings = throughput["settings"]
+    spread = {
+        p: f"{pruned[f'{p}_vs_first']:.2f}x ({pruned[f'{p}_vs_first_min']:.2f}-{pruned[f'{p}_vs_first_max']:.2f})"
+        for p in ("forward", "generate")
+    }
+    return (
+        f"Pruned vs source throughput ({settings.get('rounds')} alternating rounds, {settings.get('threads', 1)} thread(s); "
+        f"median of per-round ratios, min-max): forward {spread['forward']}, generation {spread['generate']}."
+    )
 
 
 def disk_usage(path: Path) -> int:

@@ -34,7 +34,7 @@ def test_per_domain_and_throughput(tiny_assets, tiny_export, tmp_path, capsys):
     ]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "per-domain perplexity" in table and "throughput" in table
+    assert "per-domain perplexity" in table and "throughput (float32, 1 torch thread(s)" in table
     results = json.loads(out.read_text())
     assert list(results["models"]) == ["source", "export"]
     for name in ("source", "export"):
@@ -42,6 +42,8 @@ def test_per_domain_and_throughput(tiny_assets, tiny_export, tmp_path, capsys):
             assert entry["perplexity"] == pytest.approx(math.exp(entry["loss"]))
         speed = results["throughput"]["results"][name]
         assert speed["forward_tokens_per_s"] > 0 and speed["generate_tokens_per_s"] > 0
+        assert speed["forward_tokens_per_s_min"] <= speed["forward_tokens_per_s_max"]
+    assert results["throughput"]["settings"]["threads"] == 1
     assert main(argv) == 2  # the results file is not replaced without --force
     assert "already exists" in capsys.readouterr().err
 

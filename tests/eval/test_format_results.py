@@ -54,7 +54,9 @@ def test_long_model_and_domain_names_are_not_cut():
     assert header == [
         "model",
         "forward tok/s",
+        "min-max",
         "generate tok/s",
+        "min-max",
         "fwd vs smollm2-135m",
         "gen vs smollm2-135m",
     ]

@@ -121,8 +121,9 @@ def format_results(results: dict[str, Any]) -> str:
         s = results["throughput"]["settings"]
         lines += [
             "",
-            f"throughput ({s['dtype']}, batch {s['batch_size']}; forward {s['seq_len']} tokens; "
-            f"generate {s['new_tokens']} after {s['prompt_len']}; median of {s['rounds']} rounds in turns)",
+            f"throughput ({s['dtype']}, {s.get('threads', 1)} torch thread(s), batch {s['batch_size']}; forward "
+            f"{s['seq_len']} tokens; generate {s['new_tokens']} after {s['prompt_len']}; median (min-max) of "
+            f"{s['rounds']} rounds in turns; ratios to the first model per round, side by side)",
             *_throughput_table(results["throughput"]["results"]),
         ]
     return "\n".join(lines)
@@ -138,15 +139,36 @@ def _perplexity_table(domains: dict[str, dict[str, dict[str, float]]], names: li
 
 
 def _throughput_table(tp: dict[str, dict[str, float]]) -> list[str]:
-    """Forward and generation tokens/s per model, and their ratios to the first model's."""
+    """Forward and generation tokens/s per model (median, min-max over rounds), and their ratios to
+    the first model's, taken round by round (median, min-max)."""
     first = next(iter(tp))
-    f0, g0 = tp[first]["forward_tokens_per_s"], tp[first]["generate_tokens_per_s"]
-    header = ["model", "forward tok/s", "generate tok/s", f"fwd vs {first}", f"gen vs {first}"]
+    header = [
+        "model",
+        "forward tok/s",
+        "min-max",
+        "generate tok/s",
+        "min-max",
+        f"fwd vs {first}",
+        f"gen vs {first}",
+    ]
     rows = []
     for n, r in tp.items():
-        f, g = r["forward_tokens_per_s"], r["generate_tokens_per_s"]
-        rows.append([n, f"{f:.0f}", f"{g:.1f}", f"{f / f0:.2f}x", f"{g / g0:.2f}x"])
-    return text_table(header, rows, right=range(1, 5))
+        row = [n]
+        for p, digits in (("forward", 0), ("generate", 1)):
+            low, high = r.get(f"{p}_tokens_per_s_min"), r.get(f"{p}_tokens_per_s_max")
+            row += [
+                f"{r[p + '_tokens_per_s']:.{digits}f}",
+                "" if low is None else f"{low:.{digits}f}-{high:.{digits}f}",
+            ]
+        for p in ("forward", "generate"):
+            if f"{p}_vs_first" in r:
+                row.append(
+                    f"{r[p + '_vs_first']:.2f}x ({r[p + '_vs_first_min']:.2f}-{r[p + '_vs_first_max']:.2f})"
+                )
+            else:
+                row.append(f"{r[p + '_tokens_per_s'] / tp[first][p + '_tokens_per_s']:.2f}x")
+        rows.append(row)
+    return text_table(header, rows, right=range(1, 7))
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
